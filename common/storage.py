@@ -1,0 +1,398 @@
+"""One small interface over local paths and ``s3://bucket/key`` URLs.
+
+Every function takes a URL (a local path or ``s3://bucket/key``) so callers never branch
+on where data lives:
+
+    read_bytes(url, start=None, end=None)   whole object or a byte range [start, end)
+    open_read(url, start=0)                 a streaming reader that resumes after drops
+    write_bytes(url, data, metadata=None)   atomic: readers see the old object or the new one
+    upload_file(path, url, metadata=None)   multipart for large files, atomic on S3
+    download_file(url, path)                atomic local write
+    exists(url) / stat(url) / list_prefix(url) / delete(url)
+
+boto3 is imported here and nowhere else. The endpoint comes from the standard
+``AWS_ENDPOINT_URL`` (boto3 reads it itself) and credentials only from boto3's standard
+chain. Transient failures are retried in one place (:func:`retry`) with bounded
+exponential backoff; permanent ones become a one-line :class:`UserError`.
+"""
+from __future__ import annotations
+
+import functools
+import io
+import os
+import random
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, TypeVar
+
+from common.errors import UserError
+
+T = TypeVar("T")
+
+MAX_ATTEMPTS = int(os.environ.get("IMAGENET_S3_MAX_ATTEMPTS", "6"))
+BACKOFF_BASE_S = 0.2
+BACKOFF_MAX_S = 5.0
+MULTIPART_THRESHOLD = 64 * 2**20
+MULTIPART_CHUNK = 32 * 2**20
+
+
+def is_s3(url: str | os.PathLike) -> bool:
+    return str(url).startswith("s3://")
+
+
+def split_s3(url: str) -> tuple[str, str]:
+    """``s3://bucket/a/b`` -> (``bucket``, ``a/b``)."""
+    rest = str(url)[len("s3://"):]
+    bucket, _, key = rest.partition("/")
+    if not bucket:
+        raise UserError(f"bad S3 URL {url!r}: expected s3://bucket/prefix")
+    return bucket, key
+
+
+def join(base: str | os.PathLike, *parts: str) -> str:
+    """Join path parts onto a local path or an s3:// URL."""
+    base = str(base)
+    if is_s3(base):
+        out = base.rstrip("/")
+        for p in parts:
+            out = f"{out}/{p.strip('/')}" if p else out
+        return out
+    return str(Path(base, *parts))
+
+
+# --------------------------------------------------------------------------- S3 plumbing
+_clients: dict[int, object] = {}
+_clients_lock = threading.Lock()
+
+
+def _client():
+    """One boto3 client per process (clients must not cross fork/spawn boundaries)."""
+    pid = os.getpid()
+    with _clients_lock:
+        client = _clients.get(pid)
+        if client is None:
+            import boto3
+            from botocore.config import Config
+
+            cfg = Config(
+                retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"},
+                connect_timeout=10,
+                read_timeout=60,
+                max_pool_connections=32,
+            )
+            client = boto3.session.Session().client("s3", config=cfg)
+            _clients.clear()
+            _clients[pid] = client
+        return client
+
+
+def _transient(exc: BaseException) -> bool:
+    """True for errors worth retrying: dropped connections, timeouts, throttling, 5xx."""
+    from botocore.exceptions import ClientError, ConnectionError as BotoConnError
+    from botocore.exceptions import IncompleteReadError, ReadTimeoutError, ResponseStreamingError
+
+    if isinstance(exc, (BotoConnError, ReadTimeoutError, IncompleteReadError, ResponseStreamingError)):
+        return True
+    if isinstance(exc, ClientError):
+        code = exc.response.get("Error", {}).get("Code", "")
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return status >= 500 or code in {"SlowDown", "Throttling", "RequestTimeout", "InternalError"}
+    # urllib3 / http.client errors surface raw while streaming a body
+    name = type(exc).__name__
+    return isinstance(exc, (ConnectionError, TimeoutError)) or name in {
+        "ProtocolError", "IncompleteRead", "ReadTimeoutError", "RemoteDisconnected", "SSLError",
+    }
+
+
+def _user_error(exc: BaseException, url: str) -> UserError | None:
+    """Map permanent S3 failures to a one-line message a user can act on."""
+    from botocore.exceptions import ClientError, NoCredentialsError, PartialCredentialsError
+
+    if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
+        return UserError(
+            f"no AWS credentials for {url}: configure them the standard way "
+            "(aws configure / AWS_PROFILE / AWS_ACCESS_KEY_ID+AWS_SECRET_ACCESS_KEY / an instance role)"
+        )
+    if isinstance(exc, ClientError):
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code == "NoSuchBucket":
+            return UserError(f"S3 bucket of {url} does not exist: create it or fix the URL")
+        if code in {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"}:
+            return UserError(f"access denied to {url} ({code}): check the credentials and bucket policy")
+    return None
+
+
+def retry(fn: Callable[[], T], what: str) -> T:
+    """Run ``fn`` with bounded exponential backoff on transient errors.
+
+    ``what`` names the object in the final error. Permanent S3 errors (missing bucket,
+    no credentials, access denied) surface at once as UserError.
+    """
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        try:
+            return fn()
+        except UserError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - classified below
+            if is_s3(what):
+                mapped = _user_error(exc, what)
+                if mapped is not None:
+                    raise mapped from exc
+            if not _transient(exc) or attempt == MAX_ATTEMPTS:
+                raise
+            # Full jitter keeps many workers from retrying in lockstep.
+            time.sleep(random.uniform(0, min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2**attempt)))
+    raise AssertionError("unreachable")
+
+
+def _not_found(exc: BaseException) -> bool:
+    from botocore.exceptions import ClientError
+
+    if isinstance(exc, ClientError):
+        code = exc.response.get("Error", {}).get("Code", "")
+        return code in {"404", "NoSuchKey", "NotFound"}
+    return False
+
+
+# --------------------------------------------------------------------------- reading
+class S3Reader(io.RawIOBase):
+    """Streaming reader of one S3 object that survives dropped connections.
+
+    When the body stream breaks, it reopens the object with ``Range: bytes=<pos>-`` and
+    continues from the byte where it stopped, up to MAX_ATTEMPTS times in a row.
+    """
+
+    def __init__(self, url: str, start: int = 0, end: int | None = None):
+        super().__init__()
+        self.url = url
+        self.bucket, self.key = split_s3(url)
+        self.pos = start
+        self.end = end  # exclusive; None = to the end of the object
+        self._body = None
+
+    def readable(self) -> bool:
+        return True
+
+    def _open(self):
+        rng = f"bytes={self.pos}-" if self.end is None else f"bytes={self.pos}-{self.end - 1}"
+        resp = retry(lambda: _client().get_object(Bucket=self.bucket, Key=self.key, Range=rng), self.url)
+        self._body = resp["Body"]
+
+    def readinto(self, buf) -> int:
+        if self.end is not None and self.pos >= self.end:
+            return 0
+        want = len(buf) if self.end is None else min(len(buf), self.end - self.pos)
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            try:
+                if self._body is None:
+                    self._open()
+                data = self._body.read(want)
+                if not data and self.end is not None and self.pos < self.end:
+                    raise ConnectionError(f"stream ended at byte {self.pos} before {self.end}")
+                n = len(data)
+                buf[:n] = data
+                self.pos += n
+                return n
+            except UserError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                if _not_found(exc):
+                    raise FileNotFoundError(f"{self.url} does not exist") from exc
+                self._body = None
+                if not _transient(exc) or attempt == MAX_ATTEMPTS:
+                    raise OSError(f"reading {self.url} failed at byte {self.pos} after {attempt} attempts: {exc}") from exc
+                time.sleep(random.uniform(0, min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2**attempt)))
+        raise AssertionError("unreachable")
+
+    def close(self):
+        if self._body is not None:
+            try:
+                self._body.close()
+            except Exception:  # noqa: BLE001 - closing a broken stream
+                pass
+            self._body = None
+        super().close()
+
+
+def open_read(url: str, start: int = 0, end: int | None = None) -> io.BufferedReader:
+    """Open ``url`` for streaming reads from byte ``start`` (to ``end``, exclusive)."""
+    url = str(url)
+    if is_s3(url):
+        return io.BufferedReader(S3Reader(url, start, end), buffer_size=1 << 20)
+    f = open(url, "rb")
+    if start:
+        f.seek(start)
+    if end is None:
+        return f
+    data = f.read(end - start)
+    f.close()
+    return io.BufferedReader(io.BytesIO(data))
+
+
+def read_bytes(url: str, start: int | None = None, end: int | None = None) -> bytes:
+    """The whole object, or the byte range [start, end)."""
+    url = str(url)
+    if is_s3(url):
+        with open_read(url, start or 0, end) as f:
+            return f.read()
+    with open(url, "rb") as f:
+        if start:
+            f.seek(start)
+        return f.read() if end is None else f.read(end - (start or 0))
+
+
+# --------------------------------------------------------------------------- writing
+@functools.lru_cache(maxsize=1)
+def public_mode() -> int:
+    """0666 less the umask: what open() would give (mkstemp's 0600 hides files from other users)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _atomic_local_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
+    """Write via a temp file in the same folder, fsync, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, public_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def write_bytes(url: str, data: bytes, metadata: dict[str, str] | None = None) -> None:
+    """Atomically write ``data``: readers see either the old object or the new one."""
+    url = str(url)
+    if is_s3(url):
+        bucket, key = split_s3(url)
+        retry(lambda: _client().put_object(Bucket=bucket, Key=key, Body=data, Metadata=metadata or {}), url)
+        return
+    _atomic_local_write(Path(url), lambda f: f.write(data))
+
+
+def upload_file(path: str | os.PathLike, url: str, metadata: dict[str, str] | None = None) -> None:
+    """Copy a local file to ``url``; multipart on S3 for large files (atomic on completion)."""
+    url = str(url)
+    if is_s3(url):
+        from boto3.s3.transfer import TransferConfig
+
+        bucket, key = split_s3(url)
+        cfg = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_CHUNK,
+                             max_concurrency=4, use_threads=True)
+        extra = {"Metadata": metadata} if metadata else None
+        retry(lambda: _client().upload_file(str(path), bucket, key, ExtraArgs=extra, Config=cfg), url)
+        return
+
+    def copy(dst):
+        with open(path, "rb") as src:
+            while chunk := src.read(8 << 20):
+                dst.write(chunk)
+
+    _atomic_local_write(Path(url), copy)
+
+
+def download_file(url: str, path: str | os.PathLike) -> None:
+    """Copy ``url`` to a local file atomically (a crash never leaves a partial file)."""
+    def copy(dst):
+        with open_read(str(url)) as src:
+            while chunk := src.read(8 << 20):
+                dst.write(chunk)
+
+    _atomic_local_write(Path(path), copy)
+
+
+# --------------------------------------------------------------------------- metadata
+@dataclass(frozen=True)
+class Stat:
+    size: int
+    metadata: dict[str, str]
+
+
+def stat(url: str) -> Stat | None:
+    """Size and user metadata of ``url``, or None when it does not exist."""
+    url = str(url)
+    if is_s3(url):
+        bucket, key = split_s3(url)
+
+        def head():
+            try:
+                return _client().head_object(Bucket=bucket, Key=key)
+            except Exception as exc:  # noqa: BLE001
+                if _not_found(exc):
+                    return None
+                raise
+
+        resp = retry(head, url)
+        return None if resp is None else Stat(resp["ContentLength"], dict(resp.get("Metadata", {})))
+    try:
+        return Stat(os.stat(url).st_size, {})
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def exists(url: str) -> bool:
+    return stat(url) is not None
+
+
+def list_prefix(url: str) -> list[str]:
+    """Full URLs/paths of every object below ``url`` (recursive), sorted."""
+    url = str(url)
+    if is_s3(url):
+        bucket, prefix = split_s3(url)
+        prefix = prefix.rstrip("/") + "/" if prefix else ""
+
+        def listing():
+            out = []
+            for page in _client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+                out.extend(f"s3://{bucket}/{o['Key']}" for o in page.get("Contents", []))
+            return out
+
+        return sorted(retry(listing, url))
+    root = Path(url)
+    if not root.is_dir():
+        return []
+    return sorted(str(p) for p in root.rglob("*") if p.is_file())
+
+
+def delete(url: str) -> None:
+    """Remove ``url`` if it exists."""
+    url = str(url)
+    if is_s3(url):
+        bucket, key = split_s3(url)
+        retry(lambda: _client().delete_object(Bucket=bucket, Key=key), url)
+        return
+    try:
+        os.unlink(url)
+    except FileNotFoundError:
+        pass
+
+
+def check_writable(url: str) -> None:
+    """Fail early, with a one-line error, when ``url`` cannot be written."""
+    url = str(url)
+    probe = join(url, f".write-probe-{os.getpid()}")
+    try:
+        write_bytes(probe, b"")
+        delete(probe)
+    except UserError:
+        raise
+    except OSError as exc:
+        raise UserError(f"output {url} is not writable ({exc.strerror or exc}): choose a writable folder") from exc
+
+
+def iter_chunks(url: str, chunk: int = 8 << 20) -> Iterator[bytes]:
+    with open_read(url) as f:
+        while data := f.read(chunk):
+            yield data
