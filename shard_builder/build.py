@@ -1,0 +1,328 @@
+"""``build``: Kaggle tree or zip -> WebDataset shards + manifest, local or on S3.
+
+    python -m shard_builder build --source ~/imagenet --output s3://bucket/in-10pct --subset-percentage 10
+    python -m shard_builder build --source ~/imagenet-object-localization-challenge.zip --output /data/shards
+
+Each shard is built by one worker process from the pure plan (shard_builder.plan):
+write the tar, then its index sidecar. The sidecar is the shard's completion record, so
+a rerun after Ctrl-C, ``kill -9`` or a lost instance keeps every shard whose size and
+SHA-256 check out and builds only the rest. With an S3 output each shard is uploaded as
+soon as it is finished and its local scratch copy removed, so scratch space stays under
+about ``workers`` shards. The manifest is written last.
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from common import storage
+from common.errors import UserError
+from common.log import setup_logging
+from common.manifest import MANIFEST_NAME, Manifest, ShardIndex, ShardInfo, SplitInfo, dumps, save, sha256_bytes
+from shard_builder.images import BadImage, prepare_image
+from shard_builder.plan import DEFAULT_SHARD_MAX_BYTES, SPLITS, BuildOptions, ShardTask, make_plan
+from shard_builder.source import Reader, open_source
+
+STATE_NAME = ".build-state.json"
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    info: ShardInfo
+    skipped: list[dict]
+    reused: bool
+
+
+# --------------------------------------------------------------------------- worker side
+_W: dict = {}  # per-worker-process context, set once by _init_worker
+
+
+def _init_worker(reader: Reader, output: str, opts: BuildOptions, fingerprint: str, scratch: str | None,
+                 counters) -> None:
+    _W.update(reader=reader, output=output, opts=opts, fingerprint=fingerprint, scratch=scratch, counters=counters)
+
+
+def _sha256_file(url: str) -> str:
+    h = hashlib.sha256()
+    for chunk in storage.iter_chunks(url):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def _finished(task: ShardTask) -> ShardResult | None:
+    """The shard's result if a previous run finished it and it still checks out."""
+    out = _W["output"]
+    idx_url, tar_url = storage.join(out, task.index_path), storage.join(out, task.tar_path)
+    try:
+        raw = storage.read_bytes(idx_url)
+        idx = ShardIndex.from_bytes(raw)
+    except (FileNotFoundError, ValueError, KeyError):
+        return None
+    st = storage.stat(tar_url)
+    if idx.fingerprint != _W["fingerprint"] or st is None or st.size != idx.bytes:
+        return None
+    # On S3 the sha256 we computed is stored as object metadata at upload; locally re-hash.
+    sha = st.metadata.get("sha256") if storage.is_s3(tar_url) else _sha256_file(tar_url)
+    if sha != idx.sha256:
+        return None
+    return ShardResult(ShardInfo(task.tar_path, len(idx), idx.bytes, idx.sha256, task.index_path, sha256_bytes(raw)),
+                       idx.skipped, True)
+
+
+def _write_tar(task: ShardTask, f) -> tuple[ShardIndex, list[dict]]:
+    from shard_builder.writer import ShardWriter
+
+    opts: BuildOptions = _W["opts"]
+    writer = ShardWriter(f)
+    rows, skipped = [], []
+    done_images = done_bytes = 0
+    for s in task.samples:
+        try:
+            prepared = prepare_image(_W["reader"].read(s.ref), opts.resize_max_side, opts.jpeg_quality)
+        except BadImage as exc:
+            skipped.append({"split": task.split, "path": s.ref.relpath, "reason": str(exc)})
+            continue
+        meta = json.dumps({"wnid": s.wnid, "imagenet_index": s.imagenet_index, "source": s.ref.relpath,
+                           "width": prepared.width, "height": prepared.height, "label": s.label},
+                          sort_keys=True, separators=(",", ":")).encode()
+        start, end, jpg_off, jpg_size = writer.add(s.key, prepared.data, s.label, meta)
+        rows.append((s.key, start, end, jpg_off, jpg_size, s.label))
+        done_images, done_bytes = done_images + 1, done_bytes + s.ref.size
+        if done_images % 64 == 0 or s is task.samples[-1]:
+            _count(done_images, done_bytes)
+            done_images = done_bytes = 0
+    _count(done_images, done_bytes)
+    size, sha = writer.close()
+    cols = [list(c) for c in zip(*rows)] if rows else [[] for _ in range(6)]
+    return ShardIndex(task.name + ".tar", size, sha, *cols, skipped, _W["fingerprint"]), skipped
+
+
+def _count(images: int, nbytes: int) -> None:
+    """Add to the shared progress counters (batched: each update takes a lock)."""
+    if images:
+        img_counter, byte_counter = _W["counters"]
+        with img_counter.get_lock():
+            img_counter.value += images
+        with byte_counter.get_lock():
+            byte_counter.value += nbytes
+
+
+def _build_task(task: ShardTask) -> ShardResult:
+    done = _finished(task)
+    if done is not None:
+        return done
+    out = _W["output"]
+    tar_url = storage.join(out, task.tar_path)
+    if storage.is_s3(out):
+        fd, tmp = tempfile.mkstemp(prefix=f"{task.name}.", suffix=".tar", dir=_W["scratch"])
+    else:
+        Path(tar_url).parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{task.name}.", suffix=".tmp", dir=Path(tar_url).parent)
+    try:
+        # No fsync: a resumed build re-hashes every shard it keeps, so a torn write after a
+        # power loss is caught there, and the rename below is atomic.
+        with os.fdopen(fd, "wb", buffering=1 << 20) as f:
+            idx, skipped = _write_tar(task, f)
+        if storage.is_s3(out):
+            storage.upload_file(tmp, tar_url, metadata={"sha256": idx.sha256})
+        else:
+            os.chmod(tmp, storage.public_mode())
+            os.replace(tmp, tar_url)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    raw = idx.to_bytes()
+    storage.write_bytes(storage.join(out, task.index_path), raw)  # completion record, written last
+    return ShardResult(ShardInfo(task.tar_path, len(idx), idx.bytes, idx.sha256, task.index_path, sha256_bytes(raw)),
+                       skipped, False)
+
+
+# --------------------------------------------------------------------------- main side
+def _prepare_output(output: str, build_args: dict, overwrite: bool) -> None:
+    """Refuse a DEST holding a different build (unless overwrite); record ours; clean temp files."""
+    storage.check_writable(output)
+    for name in (MANIFEST_NAME, STATE_NAME):
+        url = storage.join(output, name)
+        try:
+            prior = json.loads(storage.read_bytes(url))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except json.JSONDecodeError:
+            prior = {}
+        prior_fp = prior.get("build_args", {}).get("fingerprint")
+        if prior_fp != build_args["fingerprint"] and not overwrite:
+            raise UserError(f"{output} already holds a build with different arguments: choose another --output, "
+                            "or pass --overwrite to replace it")
+    if overwrite:
+        for url in storage.list_prefix(output):
+            rel = url[len(str(output)):].lstrip("/")
+            if rel in (MANIFEST_NAME, STATE_NAME) or rel.split("/")[0] in SPLITS:
+                storage.delete(url)
+    if not storage.is_s3(output):
+        for split in SPLITS:  # temp files of a killed run
+            for stale in Path(output, split).glob(".*.tmp"):
+                stale.unlink()
+    storage.write_bytes(storage.join(output, STATE_NAME), dumps({"build_args": build_args}))
+
+
+def _progress(counters, total_images: int, total_bytes: int, stop: threading.Event, enabled: bool) -> None:
+    from tqdm import tqdm
+
+    images, nbytes = counters
+    bar = tqdm(total=total_images, unit="img", smoothing=0.1, disable=not enabled, dynamic_ncols=True)
+    t0, last = time.time(), 0
+    while True:
+        finished = stop.wait(0.5)
+        now = images.value
+        bar.update(now - last)
+        last = now
+        mb_s = nbytes.value / 1e6 / max(1e-6, time.time() - t0)
+        bar.set_postfix_str(f"{mb_s:.1f} MB/s of {total_bytes / 1e9:.2f} GB")
+        if finished:
+            break
+    bar.close()
+
+
+def build_shards(source: str, output: str, *, subset_percentage: float = 100.0, classes_file: str | None = None,
+                 seed: int = 0, splits=SPLITS, shard_max_bytes: int = DEFAULT_SHARD_MAX_BYTES,
+                 shard_max_count: int | None = None, resize_max_side: int | None = None, jpeg_quality: int = 90,
+                 workers: int | None = None, overwrite: bool = False, progress: bool = False,
+                 scratch_dir: str | None = None, log_file: str | None = None) -> Manifest:
+    """Build the shards and the manifest; returns the manifest. See the module docstring."""
+    output = str(output).rstrip("/") if storage.is_s3(output) else str(Path(output).expanduser())
+    opts = BuildOptions(float(subset_percentage), classes_file, int(seed), tuple(splits), int(shard_max_bytes),
+                        shard_max_count, resize_max_side, int(jpeg_quality))
+    opts.check()
+    workers = max(1, workers or os.cpu_count() or 1)
+    started = time.time()
+    src = open_source(source, need_train="train" in opts.splits, need_val="val" in opts.splits)
+    plan = make_plan(src, opts)
+    plan.build_args["source"] = str(source)
+    _prepare_output(output, plan.build_args, overwrite)
+
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    local_log = log_file or (str(Path(output, "logs", f"build-{stamp}.log")) if not storage.is_s3(output)
+                             else str(Path(tempfile.gettempdir(), f"shard_builder-build-{stamp}.log")))
+    log = setup_logging("shard_builder", local_log)
+    log.info(f"source {src.location} ({src.kind}); {len(plan.classes)} classes; "
+             + ", ".join(f"{s}: {n} images" for s, n in plan.num_samples.items())
+             + f"; {len(plan.tasks)} shards; {workers} workers -> {output}")
+
+    scratch = tempfile.mkdtemp(prefix="shard_builder-", dir=scratch_dir) if storage.is_s3(output) else None
+    # fork starts workers in milliseconds; it is safe because no thread runs yet and S3
+    # clients are per process (common.storage keys them by pid).
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    counters = (ctx.Value("q", 0), ctx.Value("q", 0))
+    stop = threading.Event()
+    bar = threading.Thread(target=_progress, args=(counters, sum(plan.num_samples.values()), plan.source_bytes, stop,
+                                                    progress), daemon=True)
+    results: dict[str, ShardResult] = {}
+    try:
+        with ctx.Pool(workers, initializer=_init_worker,
+                      initargs=(src.opener(), output, opts, plan.fingerprint, scratch, counters)) as pool:
+            bar.start()
+            for res in pool.imap_unordered(_build_task, plan.tasks, chunksize=1):  # one shard per task
+                results[res.info.path] = res
+                log.debug(f"{'kept' if res.reused else 'built'} {res.info.path}: {res.info.num_samples} samples, "
+                          f"{res.info.bytes} bytes, sha256 {res.info.sha256}")
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise UserError(f"no space left while writing shards ({exc.strerror}): free space (or pass --scratch-dir) "
+                            "and rerun the same command to resume", exit_code=1) from None
+        raise
+    finally:
+        stop.set()
+        if bar.is_alive():
+            bar.join()
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    splits_info, skipped = {}, list(plan.skipped)
+    for split in opts.splits:
+        shards = [results[t.tar_path] for t in plan.tasks if t.split == split]
+        splits_info[split] = SplitInfo(sum(r.info.num_samples for r in shards), [r.info for r in shards])
+        for r in shards:
+            skipped.extend(r.skipped)
+    skipped.sort(key=lambda d: (d["split"], d["path"]))
+    manifest = Manifest(plan.build_args, opts.seed, plan.classes, splits_info, skipped,
+                        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), root=output)
+    manifest.validate()
+    save(manifest, output)  # last: its presence marks a finished build
+    storage.delete(storage.join(output, STATE_NAME))
+
+    elapsed = time.time() - started
+    built = [r for r in results.values() if not r.reused]
+    total_bytes = sum(r.info.bytes for r in results.values())
+    log.info(f"done in {elapsed:.1f}s: {len(plan.classes)} classes; "
+             + "; ".join(f"{s}: {i.num_samples} samples in {len(i.shards)} shards" for s, i in splits_info.items())
+             + f"; {total_bytes / 1e6:.1f} MB; {len(built)} shards built, {len(results) - len(built)} kept; "
+             f"{len(skipped)} source files skipped; {sum(plan.num_samples.values()) / elapsed:.0f} img/s, "
+             f"{plan.source_bytes / 1e6 / elapsed:.1f} MB/s")
+    for s in skipped:
+        log.info(f"skipped {s['path']}: {s['reason']}")
+    if storage.is_s3(output) and not log_file:
+        log.handlers[-1].flush()
+        storage.upload_file(local_log, storage.join(output, "logs", Path(local_log).name))
+    log.info(f"manifest: {storage.join(output, MANIFEST_NAME)}; log: {local_log}")
+    return manifest
+
+
+# --------------------------------------------------------------------------- CLI
+def parse_size(text: str) -> int:
+    """``268435456``, ``256MB``, ``256MiB``, ``1GB`` -> bytes."""
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+    t = text.strip().lower()
+    num = t.rstrip("kmgib")
+    try:
+        return int(float(num) * units[t[len(num):]])
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 256MB)") from None
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("build", help="Kaggle ILSVRC tree or zip -> WebDataset shards (local or s3://)",
+                       description=__doc__.splitlines()[0])
+    p.add_argument("--source", required=True, help="unzipped Kaggle folder (holds LOC_synset_mapping.txt) or the .zip")
+    p.add_argument("--output", required=True, help="local folder or s3://bucket/prefix")
+    choice = p.add_mutually_exclusive_group()
+    choice.add_argument("--subset-percentage", type=float, default=100.0, help="percent of classes (0, 100]")
+    choice.add_argument("--classes-file", help="file with one wnid per line")
+    p.add_argument("--seed", type=int, default=0, help="class choice and sample shuffle seed")
+    p.add_argument("--splits", default="train,val", help="comma-separated: train,val")
+    p.add_argument("--shard-max-bytes", type=parse_size, default=DEFAULT_SHARD_MAX_BYTES)
+    p.add_argument("--shard-max-count", type=int, default=None)
+    p.add_argument("--resize-max-side", type=int, default=None, help="re-encode images whose longer side exceeds PX")
+    p.add_argument("--jpeg-quality", type=int, default=90)
+    p.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
+    p.add_argument("--overwrite", action="store_true", help="replace a different build at --output")
+    p.add_argument("--scratch-dir", default=None, help="local scratch for shards bound for S3")
+    p.add_argument("--log-file", default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    if args.workers is not None and args.workers < 1:
+        raise UserError(f"--workers must be at least 1, got {args.workers}")
+    m = build_shards(args.source, args.output, subset_percentage=args.subset_percentage,
+                     classes_file=args.classes_file, seed=args.seed,
+                     splits=tuple(s.strip() for s in args.splits.split(",") if s.strip()),
+                     shard_max_bytes=args.shard_max_bytes, shard_max_count=args.shard_max_count,
+                     resize_max_side=args.resize_max_side, jpeg_quality=args.jpeg_quality, workers=args.workers,
+                     overwrite=args.overwrite, progress=not args.no_progress, scratch_dir=args.scratch_dir,
+                     log_file=args.log_file)
+    print(f"built {m.root}: {m.num_classes} classes, "
+          + ", ".join(f"{s} {i.num_samples} samples / {len(i.shards)} shards" for s, i in m.splits.items())
+          + f", {len(m.skipped)} skipped")
+    return 0
