@@ -26,6 +26,22 @@ class RedactFilter(logging.Filter):
         return True
 
 
+class SafeFileHandler(logging.FileHandler):
+    """A log file that cannot take the program down: on a write error (disk full) it says so
+    once on stderr and stops writing, instead of printing a traceback for every record."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's API
+        if self.stream is not None:
+            print(f"warning: cannot write log file {self.baseFilename} any more; logging to the console only",
+                  file=sys.stderr)
+            try:
+                self.close()
+            except OSError:
+                pass
+            self.stream = None
+        self.emit = lambda record: None  # type: ignore[method-assign]
+
+
 def setup_logging(name: str, log_file: str | Path | None = None, console_level: int = logging.INFO) -> logging.Logger:
     """Configure the ``name`` logger: console (stderr) and, if given, a log file (DEBUG)."""
     logger = logging.getLogger(name)
@@ -41,7 +57,7 @@ def setup_logging(name: str, log_file: str | Path | None = None, console_level: 
     logger.addHandler(console)
     if log_file is not None:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-        fh = logging.FileHandler(log_file)
+        fh = SafeFileHandler(log_file)
         fh.setLevel(logging.DEBUG)
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         fh.addFilter(RedactFilter())

@@ -148,13 +148,14 @@ def retry(fn: Callable[[], T], what: str) -> T:
     raise AssertionError("unreachable")
 
 
-def _not_found(exc: BaseException) -> bool:
+def _error_code(exc: BaseException) -> str:
     from botocore.exceptions import ClientError
 
-    if isinstance(exc, ClientError):
-        code = exc.response.get("Error", {}).get("Code", "")
-        return code in {"404", "NoSuchKey", "NotFound"}
-    return False
+    return exc.response.get("Error", {}).get("Code", "") if isinstance(exc, ClientError) else ""
+
+
+def _not_found(exc: BaseException) -> bool:
+    return _error_code(exc) in {"404", "NoSuchKey", "NotFound"}
 
 
 # --------------------------------------------------------------------------- reading
@@ -177,8 +178,10 @@ class S3Reader(io.RawIOBase):
         return True
 
     def _open(self):
-        rng = f"bytes={self.pos}-" if self.end is None else f"bytes={self.pos}-{self.end - 1}"
-        resp = retry(lambda: _client().get_object(Bucket=self.bucket, Key=self.key, Range=rng), self.url)
+        kwargs = {"Bucket": self.bucket, "Key": self.key}
+        if self.pos or self.end is not None:  # no Range for a whole object: it may be empty
+            kwargs["Range"] = f"bytes={self.pos}-" if self.end is None else f"bytes={self.pos}-{self.end - 1}"
+        resp = retry(lambda: _client().get_object(**kwargs), self.url)
         self._body = resp["Body"]
 
     def readinto(self, buf) -> int:
@@ -201,11 +204,21 @@ class S3Reader(io.RawIOBase):
             except Exception as exc:  # noqa: BLE001
                 if _not_found(exc):
                     raise FileNotFoundError(f"{self.url} does not exist") from exc
+                if _error_code(exc) == "InvalidRange" and self.end is None:
+                    return 0  # resumed exactly at the end of the object
                 self._body = None
                 if not _transient(exc) or attempt == MAX_ATTEMPTS:
                     raise OSError(f"reading {self.url} failed at byte {self.pos} after {attempt} attempts: {exc}") from exc
                 time.sleep(random.uniform(0, min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2**attempt)))
         raise AssertionError("unreachable")
+
+    def readall(self) -> bytes:
+        """Read to the end in 1 MiB pieces (io's default readall asks for 8 KiB at a time)."""
+        chunks = []
+        buf = bytearray(1 << 20)
+        while n := self.readinto(buf):
+            chunks.append(bytes(buf[:n]))
+        return b"".join(chunks)
 
     def close(self):
         if self._body is not None:

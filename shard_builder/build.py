@@ -169,11 +169,16 @@ def _prepare_output(output: str, build_args: dict, overwrite: bool) -> None:
             rel = url[len(str(output)):].lstrip("/")
             if rel in (MANIFEST_NAME, STATE_NAME) or rel.split("/")[0] in SPLITS:
                 storage.delete(url)
-    if not storage.is_s3(output):
-        for split in SPLITS:  # temp files of a killed run
-            for stale in Path(output, split).glob(".*.tmp"):
-                stale.unlink()
+    _remove_temp_files(output)  # of a killed run
     storage.write_bytes(storage.join(output, STATE_NAME), dumps({"build_args": build_args}))
+
+
+def _remove_temp_files(output: str) -> None:
+    """Delete shard temp files (``.train-000003.xxxx.tmp``) that a stopped worker left behind."""
+    if not storage.is_s3(output):
+        for split in SPLITS:
+            for stale in Path(output, split).glob(".*.tmp"):
+                stale.unlink(missing_ok=True)
 
 
 def _progress(counters, total_images: int, total_bytes: int, stop: threading.Event, enabled: bool) -> None:
@@ -236,11 +241,12 @@ def build_shards(source: str, output: str, *, subset_percentage: float = 100.0, 
                 results[res.info.path] = res
                 log.debug(f"{'kept' if res.reused else 'built'} {res.info.path}: {res.info.num_samples} samples, "
                           f"{res.info.bytes} bytes, sha256 {res.info.sha256}")
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-            raise UserError(f"no space left while writing shards ({exc.strerror}): free space (or pass --scratch-dir) "
-                            "and rerun the same command to resume", exit_code=1) from None
-        raise
+    except BaseException as exc:
+        _remove_temp_files(output)  # workers stopped mid-shard by the pool's terminate()
+        if not isinstance(exc, OSError) or exc.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise
+        raise UserError(f"no space left while writing shards ({exc.strerror}): free space (or pass --scratch-dir) "
+                        "and rerun the same command to resume", exit_code=1) from None
     finally:
         stop.set()
         if bar.is_alive():

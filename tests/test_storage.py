@@ -88,3 +88,10 @@ def test_manifest_roundtrip_and_validation(root):
         mf.load(root)
     with pytest.raises(UserError, match="no manifest.json"):
         mf.load(storage.join(root, "elsewhere"))
+
+
+def test_empty_object_reads_as_empty(root):
+    url = storage.join(root, "empty.txt")
+    storage.write_bytes(url, b"")
+    assert storage.read_bytes(url) == b""
+    storage.download_file(url, storage.join(str(os.environ.get("TMPDIR", "/tmp")), f"empty-{os.getpid()}"))
