@@ -1,0 +1,263 @@
+"""Checkpoints: atomic writes, background S3 upload, a ``latest`` pointer that never lies.
+
+Layout under the run folder (local or s3://)::
+
+    checkpoints/checkpoint_epoch_003.pth              after epoch 3 (1-based, like the original script)
+    checkpoints/checkpoint_epoch_004_step_000120.pth  mid-epoch (interval, or an interruption)
+    checkpoints/<name>.json                           sidecar: bytes, sha256, epoch, step (written after
+                                                      the checkpoint is complete and verified)
+    checkpoints/latest.json                           pointer to the newest verified checkpoint
+    model_best.pth                                    small: weights + classes + normalization
+
+Order of writes, so a crash at any point leaves ``latest`` valid: checkpoint file (local:
+temp file + fsync + rename; S3: upload, then size and checksum verified), then its sidecar,
+then the pointer. On S3 the upload runs on a background thread; training goes on.
+
+Resume (:meth:`CheckpointStore.choose`, then :meth:`CheckpointStore.obtain` on every rank):
+the pointer's target first, then every sidecar newest first. A candidate whose bytes do
+not match its recorded size/sha256, or that does not load, is skipped with a warning and
+left in place (never deleted silently). Everything is loaded with weights_only=True.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from common import storage
+from common.errors import UserError
+
+log = logging.getLogger("trainer")
+CKPT_DIR = "checkpoints"
+LATEST = "latest.json"
+FORMAT = "imagenet-spot-checkpoint"
+
+
+def checkpoint_name(epoch: int, step_in_epoch: int) -> str:
+    """``epoch`` is the 0-based epoch in progress; step 0 means "start of epoch" = end of the previous."""
+    if step_in_epoch == 0:
+        return f"checkpoint_epoch_{epoch:03d}.pth"          # = after (1-based) epoch `epoch`
+    return f"checkpoint_epoch_{epoch + 1:03d}_step_{step_in_epoch:06d}.pth"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    """torch.save to a temp file in the same folder, fsync, rename: never a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, storage.public_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class CheckpointStore:
+    """Saves (rank 0 only) and finds checkpoints of one run folder."""
+
+    def __init__(self, output: str, local_dir: str, keep_last: int = 5):
+        self.output, self.local = str(output), Path(local_dir)
+        self.remote = storage.is_s3(self.output)
+        self.keep_last = keep_last
+        self._uploader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-upload") if self.remote else None
+        self._pending: list[Future] = []
+        self._uploaded_local: list[Path] = []  # local copies already safe in S3
+
+    # ------------------------------------------------------------------ paths
+    def url(self, name: str) -> str:
+        return storage.join(self.output, CKPT_DIR, name)
+
+    def local_path(self, name: str) -> Path:
+        return self.local / CKPT_DIR / name
+
+    # ------------------------------------------------------------------ saving
+    def save(self, state: dict, name: str) -> None:
+        """Write ``state`` as checkpoint ``name``; on S3 the upload continues in the background."""
+        self.raise_failed_upload()
+        path = self.local_path(name)
+        atomic_torch_save(state, path)
+        meta = {"name": name, "bytes": path.stat().st_size, "sha256": _sha256(path), "epoch": state["epoch"],
+                "step_in_epoch": state["step_in_epoch"], "global_step": state["global_step"]}
+        if self.remote:
+            self._pending.append(self._uploader.submit(self._publish_remote, path, meta))
+        else:
+            self._publish(meta)
+
+    def save_best(self, state: dict) -> None:
+        path = self.local / "model_best.pth"
+        atomic_torch_save(state, path)
+        if self.remote:
+            dest = storage.join(self.output, "model_best.pth")
+            self._pending.append(self._uploader.submit(storage.upload_file, path, dest))
+
+    def _publish_remote(self, path: Path, meta: dict) -> None:
+        url = self.url(meta["name"])
+        storage.upload_file(path, url, metadata={"sha256": meta["sha256"]})
+        st = storage.stat(url)
+        if st is None or st.size != meta["bytes"] or st.metadata.get("sha256") != meta["sha256"]:
+            raise OSError(f"upload of {url} did not verify (size/sha256 differ): latest left unchanged")
+        self._publish(meta)
+        # Keep only the newest uploaded local copy (a fast resume on this machine); S3 holds the
+        # rest. Never touch copies still queued for upload.
+        for old in self._uploaded_local:
+            old.unlink(missing_ok=True)
+        self._uploaded_local = [path]
+
+    def _publish(self, meta: dict) -> None:
+        """Sidecar, then pointer (both atomic), then pruning."""
+        storage.write_bytes(self.url(meta["name"][:-4] + ".json"), json.dumps(meta).encode())
+        storage.write_bytes(self.url(LATEST), json.dumps(meta).encode())
+        log.debug(f"checkpoint {self.url(meta['name'])} complete; latest updated")
+        self._prune(meta["name"])
+
+    def _prune(self, keep: str) -> None:
+        if self.keep_last <= 0:
+            return
+        metas = sorted(self._sidecars(), key=lambda m: m["global_step"], reverse=True)
+        for m in metas[self.keep_last:]:
+            if m["name"] != keep:
+                storage.delete(self.url(m["name"][:-4] + ".json"))
+                storage.delete(self.url(m["name"]))
+
+    def raise_failed_upload(self) -> None:
+        for f in [f for f in self._pending if f.done()]:
+            self._pending.remove(f)
+            f.result()  # re-raises an upload failure here, on the training thread
+
+    def wait(self) -> None:
+        """Block until every background upload has finished (and raise if one failed)."""
+        for f in self._pending:
+            f.result()
+        self._pending.clear()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            if self._uploader:
+                self._uploader.shutdown(wait=True)
+
+    # ------------------------------------------------------------------ finding
+    def _sidecars(self) -> list[dict]:
+        out = []
+        for url in storage.list_prefix(storage.join(self.output, CKPT_DIR)):
+            name = url.rsplit("/", 1)[-1]
+            if name.startswith("checkpoint_") and name.endswith(".json"):
+                try:
+                    out.append(json.loads(storage.read_bytes(url)))
+                except (OSError, ValueError):
+                    log.warning(f"unreadable checkpoint sidecar {url}: ignored")
+        return out
+
+    def has_run(self) -> bool:
+        return bool(storage.list_prefix(storage.join(self.output, CKPT_DIR))) or storage.exists(
+            storage.join(self.output, "config.json"))
+
+    def candidates(self) -> list[dict]:
+        """Checkpoint metadata to try, best first: the pointer's target, then newest first."""
+        out, seen = [], set()
+        try:
+            pointer = json.loads(storage.read_bytes(self.url(LATEST)))
+            out.append(pointer)
+            seen.add(pointer["name"])
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, KeyError):
+            log.warning(f"{self.url(LATEST)} is unreadable: looking for the newest complete checkpoint")
+        for m in sorted(self._sidecars(), key=lambda m: m["global_step"], reverse=True):
+            if m["name"] not in seen:
+                out.append(m)
+                seen.add(m["name"])
+        return out
+
+    def obtain(self, meta: dict) -> Path:
+        """A verified local file of checkpoint ``meta``: the local copy when its bytes match the
+        record, else a fresh download. Raises ValueError when the bytes do not match."""
+        local = self.local_path(meta["name"])
+        if local.is_file() and local.stat().st_size == meta["bytes"] and _sha256(local) == meta["sha256"]:
+            return local
+        if not self.remote:
+            raise ValueError("size or sha256 differs from its record (truncated or corrupt)")
+        dest = self.local / "downloads" / meta["name"]
+        storage.download_file(self.url(meta["name"]), dest)
+        if dest.stat().st_size != meta["bytes"] or _sha256(dest) != meta["sha256"]:
+            dest.unlink(missing_ok=True)
+            raise ValueError("size or sha256 differs from its record (truncated or corrupt)")
+        return dest
+
+    def choose(self) -> dict | None:
+        """The newest checkpoint that verifies and loads; None when there is none at all.
+
+        Judged on the shared copy (S3 for a remote run), which every rank on every node can
+        obtain; a local staging copy is only a shortcut to identical bytes.
+        """
+        tried = []
+        for meta in self.candidates():
+            url = self.url(meta["name"])
+            try:
+                if self.remote:
+                    st = storage.stat(url)
+                    if st is None or st.size != meta["bytes"] or st.metadata.get("sha256") != meta["sha256"]:
+                        raise ValueError("the S3 object is missing or differs from its record (truncated?)")
+                    self.local_path(meta["name"]).unlink(missing_ok=True)  # re-fetch: judge the shared bytes
+                load_checkpoint(self.obtain(meta))
+                return meta
+            except (OSError, ValueError, RuntimeError) as exc:
+                log.warning(f"checkpoint {url} is not usable ({exc}); trying the previous one (it is kept)")
+                tried.append(url)
+        if tried:
+            raise UserError(f"no usable checkpoint under {self.output} (tried {len(tried)}): "
+                            "start over with --resume none --overwrite, or pass --resume PATH")
+        return None
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load a training checkpoint with weights_only=True and check its format."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a training checkpoint of this project")
+    return state
+
+
+def fetch_any(url: str, scratch: str | None = None) -> Path:
+    """Local path of a checkpoint given as a path or s3:// URL (downloaded to a temp folder)."""
+    if not storage.is_s3(url):
+        path = Path(url).expanduser()
+        if not path.is_file():
+            raise UserError(f"checkpoint {url} does not exist")
+        return path
+    if not storage.exists(url):
+        raise UserError(f"checkpoint {url} does not exist")
+    dest = Path(scratch or tempfile.mkdtemp(prefix="ckpt-")) / url.rsplit("/", 1)[-1]
+    storage.download_file(url, dest)
+    return dest
+
+
+def clear_run(output: str, local_dir: str) -> None:
+    """--overwrite: remove a previous run's checkpoints and logs (never anything else)."""
+    for url in storage.list_prefix(output):
+        rel = url[len(str(output)):].lstrip("/")
+        if rel.startswith(CKPT_DIR + "/") or rel in ("config.json", "metrics.jsonl", "model_best.pth",
+                                                       "training_curves.png") or rel.startswith("training_log_"):
+            storage.delete(url)
+    if Path(local_dir).exists() and local_dir != output:
+        shutil.rmtree(Path(local_dir) / CKPT_DIR, ignore_errors=True)

@@ -1,0 +1,45 @@
+"""Loading a trained model for inference: from model_best.pth or a training checkpoint,
+local or s3://, always with torch.load(weights_only=True)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from common.errors import UserError
+from common.manifest import ClassInfo
+from trainer.checkpoint import fetch_any
+from trainer.model import build_model
+from trainer.presets import IMAGENET_MEAN, IMAGENET_STD
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    arch: str
+    classes: list[ClassInfo]
+    image_size: int
+    val_resize: int
+    mean: tuple
+    std: tuple
+    config: dict
+
+
+def load_for_inference(ckpt: str, device: torch.device) -> LoadedModel:
+    path = fetch_any(ckpt)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - pickle/zip errors of many kinds
+        raise UserError(f"{ckpt} is not a loadable checkpoint ({type(exc).__name__}): pass a .pth written by "
+                        "the trainer") from None
+    if not isinstance(state, dict) or "model" not in state or "classes" not in state or "arch" not in state:
+        raise UserError(f"{ckpt} is not a checkpoint of this project (no model/classes/arch)")
+    classes = [ClassInfo(**c) for c in state["classes"]]
+    cfg = state.get("config", {})
+    model = build_model(state["arch"], len(classes))
+    model.load_state_dict(state["model"])
+    model.to(device).eval()
+    norm = state.get("normalization", {"mean": IMAGENET_MEAN, "std": IMAGENET_STD})
+    return LoadedModel(model, state["arch"], classes, int(state.get("image_size", cfg.get("image_size", 224))),
+                       int(state.get("val_resize", cfg.get("val_resize", 256))), tuple(norm["mean"]),
+                       tuple(norm["std"]), cfg)

@@ -1,0 +1,63 @@
+"""Top-5 classes for images, from a trained checkpoint (local path or s3:// URL).
+
+    python -m trainer.predict --checkpoint runs/demo/model_best.pth photo1.jpg photo2.png
+
+Preprocessing is the validation preset the model was trained with (resize, center crop,
+normalization stored in the checkpoint). Prints, per image, rank, wnid, probability, name.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from common.errors import UserError
+from trainer.inference import load_for_inference
+from trainer.presets import DeviceNormalize, EvalPreset
+
+
+def predict(ckpt: str, images: list[str], device: str = "cpu", top: int = 5) -> list[list[tuple[str, str, float]]]:
+    """For each image: [(wnid, name, probability)] best first."""
+    dev = torch.device(device)
+    lm = load_for_inference(ckpt, dev)
+    preset = EvalPreset(lm.image_size, lm.val_resize, decoder="pil")  # PIL: any format a user may pass
+    normalize = DeviceNormalize(lm.mean, lm.std)
+    out = []
+    for image in images:
+        p = Path(image)
+        if not p.is_file():
+            raise UserError(f"image {image} does not exist")
+        try:
+            x = preset(p.read_bytes())[None]  # uint8 [1,3,H,W]
+        except Exception as exc:  # noqa: BLE001
+            raise UserError(f"cannot decode {image} ({type(exc).__name__}): is it an image?") from None
+        with torch.no_grad():
+            probs = torch.softmax(lm.model(normalize(x.to(dev))).float(), dim=1)[0]
+        values, idx = probs.topk(min(top, len(lm.classes)))
+        out.append([(lm.classes[i].wnid, lm.classes[i].name, float(v)) for v, i in zip(values, idx.tolist())])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m trainer.predict", description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", required=True, help="model_best.pth or a training checkpoint (path or s3://)")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--top", type=int, default=5)
+    args = p.parse_args(argv)
+    try:
+        results = predict(args.checkpoint, args.images, args.device, args.top)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    for image, rows in zip(args.images, results):
+        print(image)
+        for rank, (wnid, name, prob) in enumerate(rows, 1):
+            print(f"  {rank}. {wnid}  {prob:6.2%}  {name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
