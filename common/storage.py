@@ -409,3 +409,13 @@ def iter_chunks(url: str, chunk: int = 8 << 20) -> Iterator[bytes]:
     with open_read(url) as f:
         while data := f.read(chunk):
             yield data
+
+
+def sha256_file(url: str | os.PathLike) -> str:
+    """SHA-256 hex digest of a local file or S3 object, streamed in 8 MiB pieces."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for data in iter_chunks(str(url)):
+        h.update(data)
+    return h.hexdigest()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -53,13 +52,6 @@ def _init_worker(reader: Reader, output: str, opts: BuildOptions, fingerprint: s
     _W.update(reader=reader, output=output, opts=opts, fingerprint=fingerprint, scratch=scratch, counters=counters)
 
 
-def _sha256_file(url: str) -> str:
-    h = hashlib.sha256()
-    for chunk in storage.iter_chunks(url):
-        h.update(chunk)
-    return h.hexdigest()
-
-
 def _finished(task: ShardTask) -> ShardResult | None:
     """The shard's result if a previous run finished it and it still checks out."""
     out = _W["output"]
@@ -73,7 +65,7 @@ def _finished(task: ShardTask) -> ShardResult | None:
     if idx.fingerprint != _W["fingerprint"] or st is None or st.size != idx.bytes:
         return None
     # On S3 the sha256 we computed is stored as object metadata at upload; locally re-hash.
-    sha = st.metadata.get("sha256") if storage.is_s3(tar_url) else _sha256_file(tar_url)
+    sha = st.metadata.get("sha256") if storage.is_s3(tar_url) else storage.sha256_file(tar_url)
     if sha != idx.sha256:
         return None
     return ShardResult(ShardInfo(task.tar_path, len(idx), idx.bytes, idx.sha256, task.index_path, sha256_bytes(raw)),

@@ -1,7 +1,6 @@
 """Bad input to ``build``: one-line error naming the problem, non-zero exit, no manifest."""
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path

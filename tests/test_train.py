@@ -123,7 +123,8 @@ def test_resume_from_epoch_checkpoint_continues_schedule_exactly(shards, tmp_pat
     _train_local(shards, a, "--epochs", "2", "--limit-train-steps", "6")
     (b / "seed").mkdir(parents=True)
     shutil.copy(a / "checkpoints" / "checkpoint_epoch_001.pth", b / "seed" / "ckpt1.pth")
-    proc = _train_local(shards, b, "--epochs", "2", "--limit-train-steps", "6", "--resume", str(b / "seed" / "ckpt1.pth"))
+    proc = _train_local(shards, b, "--epochs", "2", "--limit-train-steps", "6",
+                        "--resume", str(b / "seed" / "ckpt1.pth"))
     assert "at epoch 2 step 0" in proc.stderr
     sa = torch.load(a / "checkpoints" / "checkpoint_epoch_002.pth", weights_only=True)
     sb = torch.load(b / "checkpoints" / "checkpoint_epoch_002.pth", weights_only=True)

@@ -20,7 +20,6 @@ left in place (never deleted silently). Everything is loaded with weights_only=T
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -45,14 +44,6 @@ def checkpoint_name(epoch: int, step_in_epoch: int) -> str:
     if step_in_epoch == 0:
         return f"checkpoint_epoch_{epoch:03d}.pth"          # = after (1-based) epoch `epoch`
     return f"checkpoint_epoch_{epoch + 1:03d}_step_{step_in_epoch:06d}.pth"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def atomic_torch_save(obj, path: Path) -> None:
@@ -95,8 +86,8 @@ class CheckpointStore:
         self.raise_failed_upload()
         path = self.local_path(name)
         atomic_torch_save(state, path)
-        meta = {"name": name, "bytes": path.stat().st_size, "sha256": _sha256(path), "epoch": state["epoch"],
-                "step_in_epoch": state["step_in_epoch"], "global_step": state["global_step"]}
+        meta = {"name": name, "bytes": path.stat().st_size, "sha256": storage.sha256_file(path),
+                "epoch": state["epoch"], "step_in_epoch": state["step_in_epoch"], "global_step": state["global_step"]}
         if self.remote:
             self._pending.append(self._uploader.submit(self._publish_remote, path, meta))
         else:
@@ -193,13 +184,13 @@ class CheckpointStore:
         """A verified local file of checkpoint ``meta``: the local copy when its bytes match the
         record, else a fresh download. Raises ValueError when the bytes do not match."""
         local = self.local_path(meta["name"])
-        if local.is_file() and local.stat().st_size == meta["bytes"] and _sha256(local) == meta["sha256"]:
+        if local.is_file() and local.stat().st_size == meta["bytes"] and storage.sha256_file(local) == meta["sha256"]:
             return local
         if not self.remote:
             raise ValueError("size or sha256 differs from its record (truncated or corrupt)")
         dest = self.local / "downloads" / meta["name"]
         storage.download_file(self.url(meta["name"]), dest)
-        if dest.stat().st_size != meta["bytes"] or _sha256(dest) != meta["sha256"]:
+        if dest.stat().st_size != meta["bytes"] or storage.sha256_file(dest) != meta["sha256"]:
             dest.unlink(missing_ok=True)
             raise ValueError("size or sha256 differs from its record (truncated or corrupt)")
         return dest

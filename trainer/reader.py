@@ -25,7 +25,6 @@ match the manifest, raises :class:`UserError` naming the file.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -120,14 +119,6 @@ def _read_s3_range(url: str, start: int, end: int) -> bytes | bytearray:
     return buf if pos == len(buf) else buf[:pos]
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class ShardStore:
     """Per-worker access to one split's shards (see module docstring)."""
 
@@ -213,7 +204,7 @@ class ShardStore:
                 return True
         except (FileNotFoundError, ValueError):
             pass
-        if _sha256_file(path) != info.sha256:
+        if storage.sha256_file(path) != info.sha256:
             return False
         storage.write_bytes(str(marker), json.dumps(want).encode())
         return True
