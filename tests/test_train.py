@@ -222,3 +222,25 @@ def err_predict(ckpt: str, capsys) -> str:
 
     assert main(["--checkpoint", ckpt, "x.jpg"]) == 2
     return capsys.readouterr().err
+
+
+def test_pretrained_keeps_the_chosen_classes_rows_and_errors_clearly(shards, tmp_path, monkeypatch):
+    from common.errors import UserError
+    from trainer.model import build_model, load_pretrained
+
+    torch.manual_seed(3)
+    imagenet = build_model("resnet18", 1000).state_dict()  # stands in for torchvision's ImageNet weights
+    path = tmp_path / "resnet18-imagenet.pth"
+    torch.save(imagenet, path)
+    classes = shards["manifest"].classes
+    model = build_model("resnet18", len(classes))
+    load_pretrained(model, "resnet18", classes, str(path))
+    rows = [c.imagenet_index for c in classes]
+    assert torch.equal(model.fc.weight, imagenet["fc.weight"][rows])
+    assert torch.equal(model.fc.bias, imagenet["fc.bias"][rows])
+    assert torch.equal(model.conv1.weight, imagenet["conv1.weight"])
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-hub"))
+    with pytest.raises(UserError, match="not in the torch hub cache"):
+        load_pretrained(build_model("resnet18", len(classes)), "resnet18", classes, "torchvision")
+    with pytest.raises(UserError, match="does not fit --arch resnet34"):
+        load_pretrained(build_model("resnet34", len(classes)), "resnet34", classes, str(path))
