@@ -54,8 +54,9 @@ def _check_sample(key: str, members: dict[str, bytes], num_classes: int, deep: b
         problems.append(f"sample {key}: .json label disagrees with .cls")
     try:
         with Image.open(io.BytesIO(members["jpg"])) as im:
-            if im.format != "JPEG" or im.convert("RGB").size != im.size:
-                problems.append(f"sample {key} is {im.format}, not a JPEG")
+            im.load()  # a full decode: a truncated or undecodable image raises here
+            if im.format != "JPEG" or im.mode != "RGB":
+                problems.append(f"sample {key} is a {im.format} {im.mode} image; the builder stores RGB JPEGs")
     except Exception as exc:  # noqa: BLE001
         problems.append(f"sample {key} does not decode: {exc}")
     return problems

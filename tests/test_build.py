@@ -208,3 +208,20 @@ def test_sigkill_midway_then_rerun_equals_uninterrupted(demo_tree, full_build, t
     assert shard_hashes(resumed) == shard_hashes(full_build)
     kept = int(re.search(r"(\d+) kept", proc.stderr).group(1))
     assert kept == len(done) and not list(out.rglob(".*.tmp"))
+
+
+def test_verify_reports_a_damaged_shard(full_build, tmp_path):
+    import shutil as sh
+
+    copy = tmp_path / "copy"
+    sh.copytree(full_build.root, copy)
+    shard = full_build.split("train").shards[0]
+    data = bytearray((copy / shard.path).read_bytes())
+    data[600:700] = bytes(100)  # inside the first sample's JPEG payload
+    (copy / shard.path).write_bytes(bytes(data))
+    problems = verify(str(copy), deep=True)
+    assert any(shard.path in p and "sha256" in p for p in problems)
+    proc = run_cli("shard_builder", "verify", str(copy))
+    assert proc.returncode == 1 and "verify FAILED" in proc.stdout
+    (copy / full_build.split("val").shards[0].path).unlink()
+    assert any("missing" in p for p in verify(str(copy)))

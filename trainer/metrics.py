@@ -66,6 +66,7 @@ class RunFiles:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
 
         ep = [r["epoch"] for r in self.history]
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
@@ -77,6 +78,8 @@ class RunFiles:
         ax2.plot(ep, [r["val_top1"] for r in self.history], "o-", label="val top-1")
         ax2.plot(ep, [r["val_top5"] for r in self.history], "o-", label="val top-5")
         ax2.set_xlabel("epoch"), ax2.set_ylabel("accuracy (%)"), ax2.legend(), ax2.grid(alpha=0.3)
+        for ax in (ax1, ax2):
+            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         fig.tight_layout()
         fig.savefig(self.local / "training_curves.png", dpi=100)
         plt.close(fig)
