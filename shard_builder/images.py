@@ -33,7 +33,9 @@ class Prepared:
 
 
 def _ends_with_eoi(data: bytes) -> bool:
-    return data.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9")
+    """EOI, allowing up to ~60 bytes of padding; only the tail is copied, never the image.
+    (Longer padding just takes the slow path: a full decode decides.)"""
+    return data[-64:].rstrip(b"\x00\r\n ").endswith(b"\xff\xd9")
 
 
 # Start-of-frame markers (baseline, extended, progressive, lossless; not DHT/JPG/DAC).
