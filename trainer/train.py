@@ -48,11 +48,13 @@ def local_dir_for(cfg: TrainConfig) -> str:
 
 
 def resolve_resume(cfg: TrainConfig, store: ck.CheckpointStore, dinfo: DistInfo) -> tuple[dict | None, str | None]:
-    """(checkpoint state, where it came from). Rank 0 chooses; every rank then loads exactly
-    the bytes rank 0 verified (checked against the chosen record's sha256)."""
+    """(checkpoint state, where it came from). Rank 0 checks the output and chooses; its
+    errors are broadcast so every rank fails the same way (none waits forever); every rank
+    then loads exactly the bytes rank 0 verified (checked against the record's sha256)."""
     choice: tuple = ("none",)
     if dinfo.is_main:
         try:
+            storage.check_writable(cfg.output)
             if cfg.resume == "none":
                 if store.has_run() and not cfg.overwrite:
                     raise UserError(f"{cfg.output} already holds a run: continue it with --resume auto, "
@@ -103,8 +105,6 @@ def train(cfg: TrainConfig) -> int:
         torch.backends.cudnn.benchmark = not cfg.deterministic
         manifest = mf.load(cfg.data)
         local = local_dir_for(cfg)
-        if dinfo.is_main:
-            storage.check_writable(cfg.output)
         store = ck.CheckpointStore(cfg.output, local, cfg.keep_last)
         state, resumed_from = resolve_resume(cfg, store, dinfo)
         if state is not None:
