@@ -98,27 +98,6 @@ def _file_lock(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _read_s3_range(url: str, start: int, end: int) -> bytes | bytearray:
-    """Bytes [start, end) of an S3 object in one pass of large reads.
-
-    Uses storage.S3Reader directly (resumes after dropped connections): ``read_bytes`` goes
-    through ``BufferedReader.read()``, whose readall() pulls 8 KiB per call through botocore:
-    about 3x the CPU per byte, half as much again as decoding the JPEGs it carries.
-    """
-    reader = storage.S3Reader(url, start, end)
-    buf = bytearray(end - start)
-    view, pos = memoryview(buf), 0
-    try:
-        while pos < len(buf):
-            n = reader.readinto(view[pos:])
-            if not n:
-                break
-            pos += n
-    finally:
-        reader.close()  # a fully read body has already gone back to the connection pool
-    return buf if pos == len(buf) else buf[:pos]
-
-
 class ShardStore:
     """Per-worker access to one split's shards (see module docstring)."""
 
@@ -239,7 +218,7 @@ class ShardStore:
             return storage.read_bytes(self.local_copy(r.shard), r.start, r.end)
         url = self.url(r.shard)
         try:
-            return _read_s3_range(url, r.start, r.end) if self.remote else storage.read_bytes(url, r.start, r.end)
+            return storage.read_bytes(url, r.start, r.end)
         except (FileNotFoundError, NotADirectoryError):
             raise UserError(f"shard {url} is missing: rebuild or re-upload the shards") from None
         except OSError:

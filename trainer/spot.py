@@ -257,11 +257,9 @@ def agree(flag: bool, device=None) -> bool:
     dist = sys.modules.get("torch.distributed")  # never imported = no process group (and no import cost)
     if dist is None or not (dist.is_available() and dist.is_initialized()):
         return bool(flag)
-    import torch
+    from trainer.distributed import any_rank
 
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return any_rank([flag], device)[0]
 
 
 def report_exit(code: int, reason: str | None = None, environ: Mapping[str, str] | None = None) -> None:
