@@ -225,3 +225,18 @@ def test_verify_reports_a_damaged_shard(full_build, tmp_path):
     assert proc.returncode == 1 and "verify FAILED" in proc.stdout
     (copy / full_build.split("val").shards[0].path).unlink()
     assert any("missing" in p for p in verify(str(copy)))
+
+
+def test_ten_percent_build_to_s3_is_exact_and_stable(demo_tree, s3_bucket):
+    first = build_shards(str(demo_tree.root), f"{s3_bucket}/in10a", subset_percentage=10, seed=5, workers=2)
+    again = build_shards(str(demo_tree.root), f"{s3_bucket}/in10b", subset_percentage=10, seed=5, workers=1)
+    wnids = [c.wnid for c in first.classes]
+    assert wnids == [c.wnid for c in again.classes] and len(wnids) == round(len(demo_tree.wnids) * 0.1)
+    assert shard_hashes(first) == shard_hashes(again)
+    for split in ("train", "val"):
+        samples = read_split(first, split)
+        want = expected(demo_tree, split, wnids)
+        assert set(samples) == set(want) and first.split(split).num_samples == len(want)
+        for key, rec in samples.items():
+            assert len(rec["shards"]) == 1 and int(rec["cls"]) == wnids.index(want[key])
+    assert verify(first.root, deep=True) == []
