@@ -51,8 +51,7 @@ from typing import Mapping
 
 log = logging.getLogger(__name__)
 
-EXIT_COMPLETED = 0
-EXIT_INTERRUPTED = 75  # EX_TEMPFAIL from sysexits.h: "temporary failure, try again later"
+from common.errors import EXIT_COMPLETED, EXIT_INTERRUPTED  # noqa: E402,F401 - re-exported (one home: common.errors)
 
 EXIT_STATUS_ENV = "IMAGENET_EXIT_STATUS_FILE"
 DEFAULT_IMDS = "http://169.254.169.254"
