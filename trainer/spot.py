@@ -49,9 +49,10 @@ import urllib.request
 from pathlib import Path
 from typing import Mapping
 
+from common.errors import EXIT_COMPLETED, EXIT_INTERRUPTED  # noqa: F401 - re-exported; one home: common.errors
+
 log = logging.getLogger(__name__)
 
-from common.errors import EXIT_COMPLETED, EXIT_INTERRUPTED  # noqa: E402,F401 - re-exported (one home: common.errors)
 
 EXIT_STATUS_ENV = "IMAGENET_EXIT_STATUS_FILE"
 DEFAULT_IMDS = "http://169.254.169.254"
