@@ -5,7 +5,7 @@
 
 Why: the real download is ~160 GB, so the builder, the demo and the tests run on this
 stand-in instead. DEST becomes "the folder that holds LOC_synset_mapping.txt" (see
-shared/ilsvrc-kaggle-layout.md). Every class has a distinct, crop-robust look (its own
+docs/kaggle-layout.md). Every class has a distinct, crop-robust look (its own
 hue pair and pattern kind/orientation/frequency) with per-image noise, offsets and
 lighting, so a small ResNet learns it in a few CPU epochs at 32-64 px. Same arguments
 give byte-identical files.

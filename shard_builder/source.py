@@ -1,7 +1,7 @@
 """Read the Kaggle ILSVRC download: the unzipped tree, or the .zip read in place.
 
 The root is "the folder that holds LOC_synset_mapping.txt" (see
-../shared/ilsvrc-kaggle-layout.md); both kinds of source name files by their POSIX path
+docs/kaggle-layout.md); both kinds of source name files by their POSIX path
 relative to that root, so a tree and its zip yield identical samples and shards.
 
 The zip (about 160 GB, ZIP64) is never extracted: the main process reads the central
