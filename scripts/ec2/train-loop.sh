@@ -135,12 +135,13 @@ put_status_file() {
 # The end of every path that must not retry: status object and logs, then power off.
 give_up() {
     local stage="$1" code="$2" reason="$3" instance host when status
+    [[ "$code" =~ ^[0-9]+$ ]] || code=1
     instance=$(imds_get instance-id) || instance=unknown
     host=$(hostname 2>/dev/null) || host=unknown
     when=$(date -u +%Y-%m-%dT%H:%M:%SZ)
     log "giving up ($stage, exit $code): $reason"
     status=$(printf '{"stage": %s, "exit_code": %s, "reason": %s, "time": %s, "instance_id": %s, "host": %s, "output": %s, "action": %s}' \
-        "$(json_str "$stage")" "$(json_str "$code")" "$(json_str "$reason")" "$(json_str "$when")" \
+        "$(json_str "$stage")" "$code" "$(json_str "$reason")" "$(json_str "$when")" \
         "$(json_str "$instance")" "$(json_str "$host")" "$(json_str "${OUTPUT:-}")" "$(json_str "$ON_FAIL")")
     printf '%s\n' "$status" >"$STATE_DIR/status.json"
     if [[ -n "${OUTPUT:-}" ]]; then
