@@ -217,7 +217,18 @@ if [[ -n "$WHEEL" ]]; then
     if [[ -n "$(git -C "$repo" status --porcelain 2>/dev/null || true)" ]]; then
         printf 'launch_spot: note: the wheel includes uncommitted changes of this checkout\n' >&2
     fi
-    "$PYTHON" -m pip wheel -q --no-deps --no-build-isolation -w "$tmp/wheel" "$repo" >&2 \
+    # From a copy of the tree (tracked and untracked, not ignored files): no stale build/
+    # output gets into the wheel, and nothing is written into the checkout.
+    mkdir -p "$tmp/src"
+    if git -C "$repo" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+        git -C "$repo" ls-files -z --cached --others --exclude-standard \
+            | while IFS= read -r -d '' f; do if [[ -e "$repo/$f" ]]; then printf '%s\0' "$f"; fi; done \
+            | (cd "$repo" && tar --null -T - -cf -) | tar -xf - -C "$tmp/src" || die "cannot copy $repo"
+    else
+        cp -R "$repo/." "$tmp/src" || die "cannot copy $repo"
+        rm -rf "$tmp/src/build"
+    fi
+    "$PYTHON" -m pip wheel -q --no-deps --no-build-isolation -w "$tmp/wheel" "$tmp/src" >&2 \
         || die "cannot build a wheel of $repo (needs pip and setuptools>=68 for $PYTHON; or give --project-git URL)"
     [[ -f "$tmp/wheel/$WHEEL" ]] || die "the wheel built is not $WHEEL: check pyproject.toml's version"
     aws s3 cp --only-show-errors "$tmp/wheel/$WHEEL" "$PROJECT_PIP_SPEC" >&2 \
