@@ -12,6 +12,7 @@
 # built here and uploaded to OUTPUT/code/<time>/; the instances install it with their role
 # (no git access needed). --project-git takes a public https URL (no user@ or tokens: user
 # data is readable on the instance and through the EC2 API); --project-pip any pip spec.
+# The wheel is built offline by $PYTHON (default python3; needs pip and setuptools>=68).
 # Renders scripts/ec2/user-data.sh with these settings (and scripts/ec2/train-loop.sh
 # embedded), gzips it (cloud-init unpacks it; EC2 allows 16 KB), then runs
 # `aws ec2 run-instances` with a *persistent* spot request whose interruption behaviour is
