@@ -21,7 +21,8 @@ What it implements, as EC2 does with ``HttpTokens=required``:
   ``{"action": "terminate", "time": "2026-01-01T00:02:00Z"}``.
 * ``/latest/meta-data/events/recommendations/rebalance``: 404 unless switched on, then 200
   with ``{"noticeTime": "..."}``.
-* ``/latest/meta-data/instance-id`` and ``.../placement/region``: fixed fake values.
+* ``/latest/meta-data/instance-id`` and ``.../placement/region``: fixed fake values;
+  ``.../local-ipv4``: the ``local_ipv4`` attribute (10.0.0.7 unless a test sets it).
   Anything else: 404.
 
 ``announce(reads=N)`` withdraws the notice after it has been served N times, as when an
@@ -58,6 +59,7 @@ class ImdsEmulator:
         self.token_requests = 0
         self.rejected = 0          # GETs answered 401 (missing/expired/unknown token)
         self.requests: list[tuple[str, str, int]] = []  # (method, path, status)
+        self.local_ipv4 = "10.0.0.7"
         self._server = ThreadingHTTPServer(("127.0.0.1", port), self._handler_class())
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
@@ -144,7 +146,8 @@ class ImdsEmulator:
             if path == REBALANCE_PATH:
                 return self._rebalance
         return {"/latest/meta-data/instance-id": "i-0123456789emulator",
-                "/latest/meta-data/placement/region": "us-east-1"}.get(path)
+                "/latest/meta-data/placement/region": "us-east-1",
+                "/latest/meta-data/local-ipv4": self.local_ipv4}.get(path)
 
     def _handler_class(self):
         emu = self

@@ -4,6 +4,7 @@ loopback S3 server, and the launcher's rendering and aws invocation (a recording
 for the aws CLI)."""
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
@@ -19,6 +20,7 @@ import pytest
 
 from common import storage
 from tests.conftest import REPO
+from tests.ec2_standins import calls, install_standins, standin_env
 from tests.imds_emulator import ImdsEmulator
 
 EC2 = REPO / "scripts" / "ec2"
@@ -279,7 +281,7 @@ def test_dry_run_renders_settings_and_no_secrets(tmp_path):
     text = proc.stdout + proc.stderr
     assert SECRET not in text and SECRET not in rendered.read_text()
     ud = rendered.read_text()
-    assert len(ud.encode()) <= 16384  # EC2's user-data limit
+    assert len(gzip.compress(ud.encode())) <= 16384  # EC2's user-data limit (sent gzipped)
     assert "s3://my-bucket/imagenet-10pct" in ud and "r50\\ try1" in ud
     assert ud.count("#!/usr/bin/env bash") == 1  # train-loop.sh embedded
     assert '"SpotInstanceType":"persistent"' in proc.stdout.replace("\\", "")
@@ -316,21 +318,10 @@ def test_multi_node_dry_run_pins_node_0_to_the_rendezvous_ip(tmp_path):
 
 
 def test_real_run_calls_aws_with_the_rendered_user_data(tmp_path):
-    """A recording stand-in for the aws CLI: the exact arguments and the user-data file it got."""
-    bindir, calls = tmp_path / "bin", tmp_path / "calls.jsonl"
-    bindir.mkdir()
-    _script(bindir / "aws", f"""
-{sys.executable} - "$@" <<'EOF'
-import json, sys
-args = sys.argv[1:]
-ud = next((a for a in args if a.startswith("file://")), None)
-rec = {{"args": args, "user_data": open(ud[7:]).read() if ud else None}}
-open({str(calls)!r}, "a").write(json.dumps(rec) + "\\n")
-print("/dev/sda1" if "describe-images" in args else "i-0abc\\tsir-0abc\\t10.0.0.7")
-EOF
-""")
-    proc = _launch(path_prefix=str(bindir), check=True)
-    recs = [json.loads(line) for line in calls.read_text().splitlines()]
+    """A recording stand-in for the aws CLI: the exact arguments and the (gzipped) user data."""
+    env = standin_env(tmp_path, install_standins(tmp_path / "bin"))
+    proc = _launch(path_prefix=env.pop("PATH").split(":")[0], check=True, **env)
+    recs = calls(tmp_path, "aws")
     assert [r["args"][:2] for r in recs] == [["ec2", "describe-images"], ["ec2", "run-instances"]]
     run = recs[1]["args"]
     market = json.loads(run[run.index("--instance-market-options") + 1])
@@ -339,8 +330,39 @@ EOF
     disks = json.loads(run[run.index("--block-device-mappings") + 1])
     assert disks[0]["DeviceName"] == "/dev/sda1"  # from describe-images
     assert run[run.index("--iam-instance-profile") + 1] == "Name=imagenet-trainer"
+    assert run[run.index("--user-data") + 1].startswith("fileb://")  # gzip: cloud-init unpacks it
     assert "s3://my-bucket/imagenet-10pct" in recs[1]["user_data"]
-    assert SECRET not in calls.read_text() and SECRET not in proc.stdout + proc.stderr
+    assert "PROJECT_GIT_URL=https://github.com/example/imagenet-spot.git" in recs[1]["user_data"]
+    assert SECRET not in (tmp_path / "calls.jsonl").read_text() and SECRET not in proc.stdout + proc.stderr
+    assert "i-0000" in proc.stderr and "sir-0000" in proc.stderr  # the clean-up commands name them
+
+
+@pytest.mark.parametrize("url", ["https://ghp_TOKEN0123@github.com/me/private.git",
+                                 "https://me:ghp_TOKEN0123@github.com/me/private.git",
+                                 "https://github.com/me/private.git?access_token=ghp_TOKEN0123",
+                                 "git@github.com:me/private.git", "ssh://git@github.com/me/private.git",
+                                 "http://github.com/me/p.git"])
+def test_project_git_must_be_plain_https(url):
+    """Acceptance: a token-bearing or SSH --project-git is refused with one line, not rendered."""
+    proc = _launch("--project-git", url, "--dry-run")
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert len(lines) == 1 and "--project-git must be a public https:// URL" in lines[0]
+    assert "TOKEN0123" not in proc.stderr
+
+
+def test_a_failed_later_node_cancels_and_terminates_what_was_launched(tmp_path):
+    """Multi-node: node 0 is up, the other nodes' run-instances fails -> node 0's persistent
+    request is cancelled and its instance terminated; exit 2."""
+    env = standin_env(tmp_path, install_standins(tmp_path / "bin"), STANDIN_AWS_FAIL="--count 2")
+    proc = _launch("--nnodes", "3", "--rdzv-host", "10.0.1.10", "--subnet", "subnet-1",
+                   path_prefix=env.pop("PATH").split(":")[0], **env)
+    assert proc.returncode == 2 and "nothing is left running" in proc.stderr
+    recs = [r["args"] for r in calls(tmp_path, "aws")]
+    assert [a[1] for a in recs] == ["describe-images", "run-instances", "run-instances",
+                                    "cancel-spot-instance-requests", "terminate-instances"]
+    assert recs[3][recs[3].index("--spot-instance-request-ids") + 1:] == ["sir-0000"]
+    assert recs[4][recs[4].index("--instance-ids") + 1:] == ["i-0000"]
 
 
 def test_rendered_user_data_sets_up_env_unit_and_loop(tmp_path):

@@ -5,11 +5,22 @@
 #       --instance-type g5.12xlarge --nproc 4 --ami ami-0123... \
 #       --iam-instance-profile imagenet-trainer [--subnet subnet-...] [--security-group sg-...] \
 #       [--key-name KEY] [--region R] [--nnodes N --rdzv-host 10.0.1.10] [--dry-run]
+#       [--on-done poweroff|none] [--on-fail poweroff|none] [--max-failures 5]
+#       [--setup-attempts 3] [--peer-wait-minutes 360] [--project-git https://... --project-ref REF]
 #
+# Code: by default a wheel of this checkout (uncommitted and unpushed changes included) is
+# built here and uploaded to OUTPUT/code/<time>/; the instances install it with their role
+# (no git access needed). --project-git takes a public https URL (no user@ or tokens: user
+# data is readable on the instance and through the EC2 API); --project-pip any pip spec.
+# The wheel is built offline by $PYTHON (default python3; needs pip and setuptools>=68).
 # Renders scripts/ec2/user-data.sh with these settings (and scripts/ec2/train-loop.sh
-# embedded), then runs `aws ec2 run-instances` with a *persistent* spot request whose
-# interruption behaviour is *stop*: an interrupted instance keeps its disk and is started
-# again when capacity returns, and the systemd unit resumes training (--resume auto).
+# embedded), gzips it (cloud-init unpacks it; EC2 allows 16 KB), then runs
+# `aws ec2 run-instances` with a *persistent* spot request whose interruption behaviour is
+# *stop*: an interrupted instance keeps its disk and is started again when capacity
+# returns, and the systemd unit resumes training (--resume auto). A failure that training
+# cannot get past powers the instance off (--on-fail poweroff) after writing
+# OUTPUT/ec2-status/<instance>.json. If launching a later node fails, the requests and
+# instances already launched are cancelled and terminated.
 # --dry-run prints the rendered user data and the aws command(s) instead of running them.
 #
 # Multi-node (--nnodes N): node 0 gets the fixed private IP --rdzv-host (needs --subnet;
@@ -31,7 +42,8 @@ die() { printf 'launch_spot: error: %s\n' "$*" >&2; exit 2; }
 DATA="" OUTPUT="" INSTANCE_TYPE="g5.12xlarge" NPROC="" NNODES=1 RDZV_HOST="" RDZV_PORT=29400
 AMI="" SUBNET="" KEY_NAME="" PROFILE="" REGION="" PLACEMENT_GROUP="" VOLUME_GB=200 ROOT_DEVICE=""
 NAME="imagenet-spot" EXTRA_ARGS="" PROJECT_GIT_URL="" PROJECT_GIT_REF="" PROJECT_PIP_SPEC=""
-ON_DONE="poweroff" MAX_FAILURES=5 DRY_RUN="" USER_DATA_OUT=""
+ON_DONE="poweroff" ON_FAIL="poweroff" MAX_FAILURES=5 SETUP_ATTEMPTS=3 PEER_WAIT_MINUTES=360
+DRY_RUN="" USER_DATA_OUT="" PYTHON="${PYTHON:-python3}"
 SECURITY_GROUPS=()
 
 need() { [[ $# -ge 2 && -n "$2" ]] || die "$1 needs a value"; }
@@ -59,7 +71,10 @@ while [[ $# -gt 0 ]]; do
         --project-ref) need "$@"; PROJECT_GIT_REF="$2"; shift 2 ;;
         --project-pip) need "$@"; PROJECT_PIP_SPEC="$2"; shift 2 ;;
         --on-done) need "$@"; ON_DONE="$2"; shift 2 ;;
+        --on-fail) need "$@"; ON_FAIL="$2"; shift 2 ;;
         --max-failures) need "$@"; MAX_FAILURES="$2"; shift 2 ;;
+        --setup-attempts) need "$@"; SETUP_ATTEMPTS="$2"; shift 2 ;;
+        --peer-wait-minutes) need "$@"; PEER_WAIT_MINUTES="$2"; shift 2 ;;
         --user-data-out) need "$@"; USER_DATA_OUT="$2"; shift 2 ;;
         --dry-run) DRY_RUN=1; shift ;;
         -h | --help) usage; exit 0 ;;
@@ -75,30 +90,30 @@ done
 [[ -z "$NPROC" || "$NPROC" =~ ^[1-9][0-9]*$ ]] || die "--nproc must be a positive integer"
 [[ "$VOLUME_GB" =~ ^[1-9][0-9]*$ ]] || die "--volume-gb must be a positive integer"
 [[ "$ON_DONE" == none || "$ON_DONE" == poweroff ]] || die "--on-done must be none or poweroff"
+[[ "$ON_FAIL" == none || "$ON_FAIL" == poweroff ]] || die "--on-fail must be none or poweroff"
+for n in MAX_FAILURES SETUP_ATTEMPTS PEER_WAIT_MINUTES; do
+    [[ "${!n}" =~ ^[1-9][0-9]*$ ]] || die "--$(tr 'A-Z_' 'a-z-' <<<"$n") must be a positive integer"
+done
 RDZV_ENDPOINT=""
 if [[ "$NNODES" -gt 1 ]]; then
     [[ -n "$RDZV_HOST" ]] || die "--nnodes $NNODES needs --rdzv-host (a free private IP in --subnet for node 0)"
     [[ -n "$SUBNET" ]] || die "--rdzv-host needs --subnet (the fixed IP must belong to it)"
     RDZV_ENDPOINT="$RDZV_HOST:$RDZV_PORT"
 fi
-if [[ -z "$PROJECT_GIT_URL" && -z "$PROJECT_PIP_SPEC" ]]; then
-    # Default: the same code as this checkout, from its origin remote at its commit.
-    PROJECT_GIT_URL="$(git -C "$repo" remote get-url origin 2>/dev/null || true)"
-    [[ -n "$PROJECT_GIT_URL" ]] || die "no git remote 'origin' here: give --project-git URL or --project-pip SPEC"
-    if [[ -z "$PROJECT_GIT_REF" ]]; then
-        PROJECT_GIT_REF="$(git -C "$repo" rev-parse HEAD)"
-        if [[ -n "$(git -C "$repo" status --porcelain --untracked-files=no)" ]]; then
-            printf 'launch_spot: warning: uncommitted changes here are not in %s\n' "$PROJECT_GIT_REF" >&2
-        fi
-    fi
+if [[ -n "$PROJECT_GIT_URL" && ! "$PROJECT_GIT_URL" =~ ^https://[^/@:?#]+(:[0-9]+)?/[^@?#]*$ ]]; then
+    die "--project-git must be a public https:// URL without user@, tokens or ssh (got a non-https or credential-bearing URL): drop it to ship this checkout as a wheel"
 fi
 PROJECT_GIT_REF="${PROJECT_GIT_REF:-main}"
-for url in "$PROJECT_GIT_URL" "$PROJECT_PIP_SPEC"; do
-    # User data is readable on the instance and through the EC2 API: no credentials in it.
-    if [[ "$url" =~ ://[^/@]*:[^/@]*@ || "$url" == *X-Amz-Signature* || "$url" == *X-Amz-Credential* ]]; then
-        die "project URLs must not carry credentials (user:password@ or presigned): use s3:// and the instance role"
-    fi
-done
+# User data is readable on the instance and through the EC2 API: no credentials in it.
+if [[ "$PROJECT_PIP_SPEC" =~ ://[^/]*@ || "$PROJECT_PIP_SPEC" == *X-Amz-Signature* || "$PROJECT_PIP_SPEC" == *X-Amz-Credential* ]]; then
+    die "project URLs must not carry credentials (user@, user:password@ or presigned): use s3:// and the instance role"
+fi
+WHEEL=""
+if [[ -z "$PROJECT_GIT_URL" && -z "$PROJECT_PIP_SPEC" ]]; then
+    # Default: this checkout as a wheel under the run's prefix; the instance role fetches it.
+    WHEEL="imagenet_spot-$(sed -n 's/^version = "\(.*\)"/\1/p' "$repo/pyproject.toml")-py3-none-any.whl"
+    PROJECT_PIP_SPEC="${OUTPUT%/}/code/$(date -u +%Y%m%dT%H%M%SZ)/$WHEEL"
+fi
 if [[ -z "$PROFILE" ]]; then
     printf 'launch_spot: warning: no --iam-instance-profile: the instance will have no S3 access\n' >&2
 fi
@@ -110,7 +125,9 @@ trap 'rm -rf "$tmp"' EXIT
     printf '%s=%q\n' DATA "$DATA" OUTPUT "$OUTPUT" NPROC "$NPROC" NNODES "$NNODES" \
         RDZV_ENDPOINT "$RDZV_ENDPOINT" RDZV_ID "$NAME" EXTRA_ARGS "$EXTRA_ARGS" \
         PROJECT_GIT_URL "$PROJECT_GIT_URL" PROJECT_GIT_REF "$PROJECT_GIT_REF" \
-        PROJECT_PIP_SPEC "$PROJECT_PIP_SPEC" ON_DONE "$ON_DONE" MAX_FAILURES "$MAX_FAILURES"
+        PROJECT_PIP_SPEC "$PROJECT_PIP_SPEC" ON_DONE "$ON_DONE" ON_FAIL "$ON_FAIL" \
+        MAX_FAILURES "$MAX_FAILURES" WAIT_PEERS_MAX_S "$((PEER_WAIT_MINUTES * 60))" \
+        SETUP_MAX_ATTEMPTS "$SETUP_ATTEMPTS"
 } >"$tmp/settings"
 if grep -qx 'TRAIN_LOOP_EOF' "$here/train-loop.sh"; then
     die "train-loop.sh contains the here-document terminator TRAIN_LOOP_EOF"
@@ -133,8 +150,10 @@ awk -v settings="$tmp/settings" -v loop="$here/train-loop.sh" '
     }
     { print }
 ' "$here/user-data.sh" >"$user_data"
-size=$(wc -c <"$user_data")
-[[ "$size" -le "$USER_DATA_MAX" ]] || die "rendered user data is $size bytes, over EC2's $USER_DATA_MAX"
+# cloud-init unpacks gzip user data; EC2's limit applies to what is sent.
+gzip -9 -n -c "$user_data" >"$tmp/user-data.gz"
+size=$(wc -c <"$tmp/user-data.gz")
+[[ "$size" -le "$USER_DATA_MAX" ]] || die "rendered user data is $size bytes gzipped, over EC2's $USER_DATA_MAX"
 for secret_var in AWS_SECRET_ACCESS_KEY AWS_SESSION_TOKEN AWS_ACCESS_KEY_ID; do
     value="${!secret_var:-}"
     if [[ ${#value} -ge 8 ]] && grep -qF -- "$value" "$user_data"; then
@@ -157,7 +176,7 @@ disks="[{\"DeviceName\":\"$ROOT_DEVICE\",\"Ebs\":{\"VolumeSize\":$VOLUME_GB,\"Vo
 base=(aws ec2 run-instances
     --image-id "$AMI" --instance-type "$INSTANCE_TYPE"
     --instance-market-options "$market"
-    --user-data "file://$user_data"
+    --user-data "fileb://$tmp/user-data.gz"
     --metadata-options "HttpTokens=required,HttpPutResponseHopLimit=2,HttpEndpoint=enabled"
     --block-device-mappings "$disks"
     --tag-specifications "ResourceType=instance,Tags=[{Key=Name,Value=$NAME}]"
@@ -180,10 +199,11 @@ else
 fi
 
 if [[ -n "$DRY_RUN" ]]; then
-    printf '# ---- rendered user data (%s bytes) ----\n' "$size"
+    printf '# ---- rendered user data (%s bytes, %s gzipped) ----\n' "$(wc -c <"$user_data")" "$size"
     cat "$user_data"
-    printf '# ---- end of user data ----\n# would run (user data file: %s):\n' \
-        "${USER_DATA_OUT:-temporary, keep it with --user-data-out PATH}"
+    printf '# ---- end of user data ----\n'
+    [[ -z "$WHEEL" ]] || printf '# would build a wheel of %s and upload it to %s\n' "$repo" "$PROJECT_PIP_SPEC"
+    printf '# would run (user data: gzip of %s):\n' "${USER_DATA_OUT:-a temporary file, keep it with --user-data-out PATH}"
     for g in "${groups[@]}"; do
         read -r -a more <<<"$g"
         printf '%q ' "${base[@]}" "${more[@]}"
@@ -193,14 +213,64 @@ if [[ -n "$DRY_RUN" ]]; then
 fi
 
 command -v aws >/dev/null || die "the aws CLI is not installed (https://aws.amazon.com/cli/)"
+if [[ -n "$WHEEL" ]]; then
+    printf 'launch_spot: building a wheel of %s\n' "$repo" >&2
+    if [[ -n "$(git -C "$repo" status --porcelain 2>/dev/null || true)" ]]; then
+        printf 'launch_spot: note: the wheel includes uncommitted changes of this checkout\n' >&2
+    fi
+    # From a copy of the tree (tracked and untracked, not ignored files): no stale build/
+    # output gets into the wheel, and nothing is written into the checkout.
+    mkdir -p "$tmp/src"
+    if git -C "$repo" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+        git -C "$repo" ls-files -z --cached --others --exclude-standard \
+            | while IFS= read -r -d '' f; do if [[ -e "$repo/$f" ]]; then printf '%s\0' "$f"; fi; done \
+            | (cd "$repo" && tar --null -T - -cf -) | tar -xf - -C "$tmp/src" || die "cannot copy $repo"
+    else
+        cp -R "$repo/." "$tmp/src" || die "cannot copy $repo"
+        rm -rf "$tmp/src/build"
+    fi
+    "$PYTHON" -m pip wheel -q --no-deps --no-build-isolation -w "$tmp/wheel" "$tmp/src" >&2 \
+        || die "cannot build a wheel of $repo (needs pip and setuptools>=68 for $PYTHON; or give --project-git URL)"
+    [[ -f "$tmp/wheel/$WHEEL" ]] || die "the wheel built is not $WHEEL: check pyproject.toml's version"
+    aws s3 cp --only-show-errors "$tmp/wheel/$WHEEL" "$PROJECT_PIP_SPEC" >&2 \
+        || die "cannot upload the wheel to $PROJECT_PIP_SPEC (credentials and s3:PutObject on the output prefix?)"
+    printf 'launch_spot: uploaded %s\n' "$PROJECT_PIP_SPEC" >&2
+fi
+launched_ids=() launched_sirs=()
+# A later node failed to launch: leave nothing behind that bills or relaunches.
+clean_up_launched() {
+    local aws_region=()
+    [[ -z "$REGION" ]] || aws_region=(--region "$REGION")
+    if [[ ${#launched_sirs[@]} -gt 0 ]]; then
+        aws ec2 cancel-spot-instance-requests "${aws_region[@]}" --spot-instance-request-ids "${launched_sirs[@]}" >&2 \
+            || printf 'launch_spot: could not cancel %s: cancel them by hand\n' "${launched_sirs[*]}" >&2
+    fi
+    if [[ ${#launched_ids[@]} -gt 0 ]]; then
+        aws ec2 terminate-instances "${aws_region[@]}" --instance-ids "${launched_ids[@]}" >&2 \
+            || printf 'launch_spot: could not terminate %s: terminate them by hand\n' "${launched_ids[*]}" >&2
+    fi
+}
 for g in "${groups[@]}"; do
     read -r -a more <<<"$g"
     printf 'launch_spot: aws ec2 run-instances ... %s\n' "$g" >&2
-    "${base[@]}" "${more[@]}"
+    if ! out=$("${base[@]}" "${more[@]}"); then
+        if [[ ${#launched_ids[@]} -gt 0 || ${#launched_sirs[@]} -gt 0 ]]; then
+            printf 'launch_spot: launch failed: cancelling and terminating what was launched (%s)\n' \
+                "${launched_ids[*]} ${launched_sirs[*]}" >&2
+            clean_up_launched
+        fi
+        die "aws ec2 run-instances failed (see above); nothing is left running"
+    fi
+    printf '%s\n' "$out"
+    while read -r id sir _; do
+        [[ -z "$id" ]] || launched_ids+=("$id")
+        [[ -z "$sir" || "$sir" == None ]] || launched_sirs+=("$sir")
+    done <<<"$out"
 done
 cat >&2 <<EOF
 launch_spot: launched. Follow training with:  journalctl -u imagenet-spot-train -f   (on the instance)
+A failure it cannot get past writes ${OUTPUT%/}/ec2-status/<instance>.json and powers off (--on-fail).
 When training is done, stop paying for the persistent request and the disk:
-  aws ec2 cancel-spot-instance-requests --spot-instance-request-ids <sir-...>
-  aws ec2 terminate-instances --instance-ids <i-...>
+  aws ec2 cancel-spot-instance-requests --spot-instance-request-ids ${launched_sirs[*]:-<sir-...>}
+  aws ec2 terminate-instances --instance-ids ${launched_ids[*]:-<i-...>}
 EOF
