@@ -7,13 +7,16 @@ code name               meaning / what the restart loop does
 ==== ================== ==============================================================
 0    EXIT_COMPLETED     finished; do not rerun
 1    EXIT_FAILURE       unexpected failure (a traceback is logged); retried with backoff
-2    EXIT_USAGE         bad input or environment (one-line message); fix and rerun
+2    EXIT_USAGE         bad input or environment (one-line message; e.g. another live
+                        writer holds the run's lease); the loop retries with backoff,
+                        then powers off after --max-failures
 75   EXIT_INTERRUPTED   stopped on purpose (SIGTERM / spot notice), checkpoint saved and
                         uploaded (EX_TEMPFAIL); rerun to resume at the exact step
 76   EXIT_HUNG          the hang watchdog fired: no progress within the timeout; thread
                         stacks are in the log; retryable (resumes from the last checkpoint)
 77   EXIT_LEASE_LOST    another writer took over this run folder / destination (its lease);
-                        this process stopped writing; do not rerun here
+                        this process stopped writing; the loop does not retry
+                        (status object, poweroff)
 ==== ================== ==============================================================
 """
 from __future__ import annotations
