@@ -128,6 +128,8 @@ def data_order(staging: Path) -> tuple[bool, str]:
     manifest = mf.load(SHARDS)
     shards = manifest.split("train").shards
     keys = [k for s in shards for k in mf.load_index(manifest, s).keys]  # global sample id -> key
+    # The trainer's loader settings: what train_args passes, the library's defaults for the rest
+    # (the rule for a partial last global batch included), so a change of rule is followed here.
     cfg = LoaderConfig(SHARDS, batch_size=BATCH, seed=SEED)
     for epoch in range(EPOCHS):
         plan = train_plan(cfg, manifest, rank=0, world_size=1, epoch=epoch)
@@ -145,11 +147,11 @@ def evaluate_and_predict(out: Path) -> tuple[float, float]:
     """(logged val top-1 of the last epoch, val top-1 that trainer.evaluate reproduces from S3)."""
     last = json.loads(storage.read_bytes(storage.join(RUN, "metrics.jsonl")).decode().splitlines()[-1])
     ckpt = storage.join(RUN, "checkpoints", f"checkpoint_epoch_{EPOCHS:03d}.pth")
-    print(f"== evaluate the final checkpoint from S3 (logged: top-1 {last['val_top1']:.2f}%)")
+    print(f"== 6/7 evaluate the final checkpoint from S3 (logged: top-1 {last['val_top1']:.2f}%)")
     result = json.loads(sh(["-m", "trainer.evaluate", "--checkpoint", ckpt, "--data", SHARDS, "--json"],
                            capture=True).strip().splitlines()[-1])
     print(f"   val top-1 {result['val_top1']:.2f}%  top-5 {result['val_top5']:.2f}% on {result['val_count']} images")
-    print("== predict two val images with model_best.pth from S3")
+    print("== 7/7 predict two val images with model_best.pth from S3")
     val = sorted((out / "kaggle" / "ILSVRC" / "Data" / "CLS-LOC" / "val").glob("*.JPEG"))[3:5]
     sh(["-m", "trainer.predict", "--checkpoint", storage.join(RUN, "model_best.pth"), *map(str, val)])
     return float(last["val_top1"]), float(result["val_top1"])
@@ -233,5 +235,8 @@ def main(out: Path) -> int:
     (out / "s3-demo-summary.json").write_text(json.dumps(facts, indent=1) + "\n")
     print(summary(facts))
     print(f"S3 demo finished in {facts['seconds']:.0f}s; local parts in {out}/ (summary: {out}/s3-demo-summary.json)")
-    ok = facts["data_order_ok"] and abs(facts["val_top1_logged"] - facts["val_top1_evaluated"]) < 1e-6
-    return 0 if ok and facts["checkpoint_in_bucket"] else 1
+    s = facts["stopped_at"]
+    ok = (facts["data_order_ok"] and facts["checkpoint_in_bucket"]
+          and f"at epoch {s['epoch'] + 1} step {s['step_in_epoch']}" in facts["resume_line"]
+          and abs(facts["val_top1_logged"] - facts["val_top1_evaluated"]) < 1e-6)
+    return 0 if ok else 1
