@@ -29,6 +29,19 @@ import urllib.request
 
 HOST = "127.0.0.1"
 
+# The server process: moto's own entry point, plus a thread that ends it when the process that
+# started it is gone (even after a kill -9 of the demo, no server is left behind for long).
+_SERVE = """
+import os, sys, threading, time
+def watch(parent=int(sys.argv[1])):
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(0)
+threading.Thread(target=watch, daemon=True).start()
+from moto.server import main
+main(sys.argv[2:])
+"""
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free right now."""
@@ -62,7 +75,7 @@ class LocalS3:
         self._log = tempfile.TemporaryFile()
         # Own session: a Ctrl-C in the terminal reaches us, and we stop the server in order.
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", HOST, "-p", str(self.port)],
+            [sys.executable, "-c", _SERVE, str(os.getpid()), "-H", HOST, "-p", str(self.port)],
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         self.pid = self._proc.pid
         try:

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from common import manifest as mf
-from common.local_s3 import LocalS3, pid_running
+from common.local_s3 import pid_running
 from shard_builder.build import build_shards
 from tests.conftest import REPO
 from trainer.data import LoaderConfig, train_plan
@@ -125,15 +125,3 @@ def _cmdline(p: Path) -> str:
         return p.joinpath("cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
-
-
-def test_local_s3_stops_by_pid_and_kills_a_server_that_ignores_sigterm(tmp_path):
-    with LocalS3(stop_timeout_s=2) as server:
-        pid = server.pid
-        assert server.create_bucket("lifecycle") == "s3://lifecycle"
-        assert server.env()["AWS_ENDPOINT_URL"].startswith("http://127.0.0.1:")
-    assert not pid_running(pid)
-    server = LocalS3(stop_timeout_s=1).start()
-    os.kill(server.pid, signal.SIGSTOP)  # a stuck server: SIGTERM stays pending, so stop() must SIGKILL
-    server.stop()  # bounded: SIGTERM, 1 s, SIGKILL
-    assert not pid_running(server.pid)
