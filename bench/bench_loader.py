@@ -25,12 +25,9 @@ import argparse
 import io
 import os
 import resource
-import socket
 import statistics
-import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -38,30 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchutil import machine  # noqa: E402
+from common.local_s3 import LocalS3  # noqa: E402
 from photos import make_photo_tree  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_moto() -> subprocess.Popen:
-    """moto_server on 127.0.0.1 and the standard AWS_* variables pointing at it."""
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            urllib.request.urlopen(endpoint + "/moto-api/", timeout=1)
-            break
-        except Exception:  # noqa: BLE001 - still starting
-            time.sleep(0.2)
-    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench-not-real",
-                      AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
-    return proc
 
 
 def cpu_seconds(*pids: int) -> float:
@@ -174,13 +149,10 @@ def main() -> None:
           f"{a.workers} DataLoader workers, batch {a.batch_size}, output 224x224\n")
     torch.set_num_threads(1)
 
-    moto = start_moto()
+    moto = LocalS3().start()  # the loopback moto server (common.local_s3), stopped by pid below
     try:
-        bucket = f"bench-{uuid.uuid4().hex[:8]}"
-        import boto3
-
-        boto3.client("s3").create_bucket(Bucket=bucket)
-        s3_root = f"s3://{bucket}/shards"
+        os.environ.update(moto.env())
+        s3_root = moto.create_bucket(f"bench-{uuid.uuid4().hex[:8]}") + "/shards"
         for f in shards.rglob("*"):
             if f.is_file() and "logs" not in f.parts:
                 storage.upload_file(f, f"{s3_root}/{f.relative_to(shards).as_posix()}")
@@ -265,8 +237,7 @@ def main() -> None:
         print("steady: img/s from the first batch on (what a long epoch sees); epoch: incl. worker start-up;\n"
               "per CPU-s: images per CPU-second of every process involved (robust to other load on the machine).")
     finally:
-        moto.terminate()
-        moto.wait(timeout=10)
+        moto.stop()
 
 
 if __name__ == "__main__":

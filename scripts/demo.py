@@ -1,6 +1,7 @@
 """End-to-end demo on the embedded demo data: demo tree -> shards -> verify -> train -> evaluate -> predict.
 
     python3.11 scripts/dev.py demo          # creates .venv on first use
+    python3.11 scripts/dev.py demo --s3     # the same through a local S3 server, with a spot stop + resume
     python scripts/demo.py --out demo-out
 
 Everything runs on CPU (about 2 minutes on 2 cores) and writes under --out (default
@@ -28,10 +29,21 @@ from shard_builder.verify import verify  # noqa: E402
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="demo-out")
+    parser.add_argument("--s3", action="store_true",
+                        help="shards and checkpoints in a local S3 server, a spot-style stop and an exact resume "
+                             "(scripts/demo_s3.py)")
     args = parser.parse_args()
     out = Path(args.out)
     if out.exists():
         shutil.rmtree(out)
+    if args.s3:
+        import demo_s3  # scripts/ is on sys.path when this file runs
+
+        try:
+            return demo_s3.main(out)
+        except KeyboardInterrupt:
+            print("interrupted; the local S3 server was stopped", file=sys.stderr)
+            return 130
     t0 = time.time()
 
     print("== 1/6 demo tree in the Kaggle ILSVRC layout")

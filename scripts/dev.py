@@ -49,7 +49,15 @@ def main() -> int:
     extras, cmd = commands[sys.argv[1]]
     ensure_venv(extras)
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.run(cmd + sys.argv[2:], cwd=REPO, env=env).returncode
+    proc = subprocess.Popen(cmd + sys.argv[2:], cwd=REPO, env=env)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:  # Ctrl-C reached the command too: let it clean up (the demo stops its S3 server)
+        try:
+            return proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
 
 
 if __name__ == "__main__":

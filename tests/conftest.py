@@ -1,67 +1,39 @@
 """Shared fixtures: a real S3-protocol server on 127.0.0.1 and the demo tree.
 
-The S3 server is moto in server mode, run as its own process on a free port; code under
+The S3 server is moto in server mode, run as its own process on a free port by
+``common.local_s3.LocalS3`` (the demo and the benchmarks start it the same way); code under
 test reaches it only through the standard ``AWS_ENDPOINT_URL`` (no patching of boto3).
 """
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
 
+from common.local_s3 import LocalS3, free_port  # noqa: F401 - free_port: tests import it from here
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
 def s3_server():
-    """Start moto_server; point every boto3 client (ours and subprocesses') at it."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
+    """Start moto_server (common.local_s3); point every boto3 client (ours and subprocesses') at it."""
+    with LocalS3() as server:
+        saved = {k: os.environ.get(k) for k in _S3_ENV}
+        os.environ.update(server.env())
+        os.environ["IMAGENET_S3_MAX_ATTEMPTS"] = "4"
         try:
-            urllib.request.urlopen(endpoint + "/moto-api/", timeout=1)
-            break
-        except Exception:  # noqa: BLE001 - server still starting
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError("moto server did not start")
-            time.sleep(0.2)
-    saved = {k: os.environ.get(k) for k in _S3_ENV}
-    os.environ.update({
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing-secret-not-real",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_EC2_METADATA_DISABLED": "true",
-        "IMAGENET_S3_MAX_ATTEMPTS": "4",
-    })
-    try:
-        yield endpoint
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        proc.terminate()
-        proc.wait(timeout=10)
+            yield server.endpoint
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
 
 _S3_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
