@@ -15,10 +15,13 @@ differences; that is not measurable here.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
+from tests.conftest import run_cli
 from tests.test_data import jpeg_of, scene
 from trainer.data import LoaderConfig, make_train_loader, make_val_loader
 from trainer.gpu_decode import RawBatch, decode_batch, header_size, resize
@@ -105,6 +108,32 @@ def test_resume_with_workers_is_exact(build):
     assert [g[3] for g in got] == list(range(k, k + len(got)))
     assert [g[0] for g in got] == [f[0] for f in full[k:]]
     assert all(torch.equal(g[1], f[1]) and torch.equal(g[2], f[2]) for g, f in zip(got, full[k:]))
+
+
+def test_training_with_decode_gpu_resumes_mid_epoch_bitwise(build, tmp_path):
+    """The real trainer (CPU device): a run resumed from its step-3 checkpoint ends with the same
+    weights, bitwise, and trains on the same samples as the uninterrupted run."""
+    import json
+
+    small = ["--data", build, "--arch", "resnet18", "--batch-size", "8", "--image-size", "32", "--workers", "1",
+             "--device", "cpu", "--deterministic", "--decode", "gpu", "--epochs", "1", "--limit-train-steps", "6",
+             "--sample-log"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    proc = run_cli("trainer", *small, "--output", str(a), "--checkpoint-every-steps", "3", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    mid = a / "checkpoints" / "checkpoint_epoch_001_step_000003.pth"
+    proc = run_cli("trainer", *small, "--output", str(b), "--resume", str(mid), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    sa = torch.load(a / "checkpoints" / "checkpoint_epoch_001.pth", weights_only=True)
+    sb = torch.load(b / "checkpoints" / "checkpoint_epoch_001.pth", weights_only=True)
+    assert sa["global_step"] == sb["global_step"] == 6 and sa["config"]["decode"] == "gpu"
+    assert all(torch.equal(sa["model"][k], sb["model"][k]) for k in sa["model"])
+
+    def steps(run: Path) -> dict[int, list[str]]:
+        lines = (run / "samples" / "epoch001_rank0.jsonl").read_text().splitlines()
+        return {r["step"]: r["keys"] for r in map(json.loads, lines)}
+
+    assert {k: v for k, v in steps(a).items() if k >= 3} == steps(b)
 
 
 def test_dct_scaled_samples_within_tolerance_and_float_kernel_agrees():
