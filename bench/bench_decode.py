@@ -45,6 +45,62 @@ def per_cpu_second(fn, items, repeats: int) -> float:
     return statistics.median(rates)
 
 
+def per_core_rates(ds_cpu, ds_gpu, plan, repeats: int) -> tuple[dict, list]:
+    """(1): img per CPU-second of each path and part, one thread, epoch 0's micro-batches."""
+    from trainer.gpu_decode import decode_batch
+
+    idx = list(range(len(plan)))
+    raws = [ds_gpu.load(plan, b) for b in idx]
+    decode_batch(raws[0], "cpu")  # warm: load torchvision's image library
+    rates = {
+        "CPU path (worker: read + DCT-scaled decode + crop/resize)":
+            per_cpu_second(lambda b: len(ds_cpu.load(plan, b).keys), idx, repeats),
+        "GPU path on device=cpu, worker + main part":
+            per_cpu_second(lambda b: len(decode_batch(ds_gpu.load(plan, b), "cpu").keys), idx, repeats),
+        "  worker part only (bytes + header + box)": per_cpu_second(lambda b: len(ds_gpu.load(plan, b).keys), idx,
+                                                                    repeats),
+        "  main part only (decode_batch, torchvision CPU decode)":
+            per_cpu_second(lambda r: len(decode_batch(r, "cpu").keys), raws, repeats),
+    }
+    return rates, raws
+
+
+def pixel_agreement(ds_cpu, plan, raws) -> str:
+    """Same keys and labels; how many samples are bitwise equal, mean abs difference."""
+    import torch
+
+    from trainer.gpu_decode import decode_batch
+
+    diffs = []
+    for b, raw in enumerate(raws):
+        x, y = ds_cpu.load(plan, b), decode_batch(raw, "cpu")
+        assert x.keys == y.keys and torch.equal(x.labels, y.labels)
+        diffs.append((x.images.float() - y.images.float()).abs().mean(dim=(1, 2, 3)))
+    d = torch.cat(diffs)
+    equal = int((d == 0).sum())
+    return (f"pixels, same {len(d)} samples: {equal} bitwise equal ({100 * equal / len(d):.0f}%); mean abs diff "
+            f"{d.mean():.3f} levels, largest per-image mean {d.max():.2f} (differences come only from the CPU "
+            "path's DCT-scaled decode)")
+
+
+def cuda_rate(raws, repeats: int) -> str:
+    import torch
+
+    from trainer.gpu_decode import decode_batch
+
+    if not torch.cuda.is_available():
+        return "decode_batch on a GPU: not measured (no CUDA device on this machine)"
+    dev = torch.device("cuda")
+    for r in raws[:2]:
+        decode_batch(r, dev)  # warm: nvJPEG handles, allocator
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    n = sum(len(decode_batch(r, dev).keys) for _ in range(repeats) for r in raws)
+    torch.cuda.synchronize()
+    rate = n / (time.perf_counter() - t0)
+    return f"decode_batch on {torch.cuda.get_device_name(0)} (nvJPEG, one process): {rate:.0f} img/s"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", default="/tmp/imagenet-bench")
@@ -60,7 +116,6 @@ def main() -> None:
     from common import manifest as mf
     from shard_builder.build import build_shards
     from trainer.data import LoaderConfig, make_train_loader
-    from trainer.gpu_decode import decode_batch
 
     work = Path(a.workdir)
     per_class = max(1, a.images // 10)
@@ -80,45 +135,22 @@ def main() -> None:
         return LoaderConfig(str(shards), batch_size=a.batch_size, image_size=a.size, num_workers=workers,
                             decode=decode, decode_device="cpu", with_keys=True)
 
-    # (1) per CPU-second, one thread, the same micro-batches of epoch 0.
-    ds_cpu = make_train_loader(cfg("cpu"), epoch=0, rank=0, world_size=1, manifest=m).dataset
-    ds_gpu = make_train_loader(cfg("gpu"), epoch=0, rank=0, world_size=1, manifest=m).dataset
-    plan = ds_cpu.plan()
-    idx = list(range(len(plan)))
-    raws = [ds_gpu.load(plan, b) for b in idx]
-    decode_batch(raws[0], "cpu")  # warm: load torchvision's image library
-    cpu_path = per_cpu_second(lambda b: len(ds_cpu.load(plan, b).keys), idx, a.repeats)
-    gpu_path = per_cpu_second(lambda b: len(decode_batch(ds_gpu.load(plan, b), "cpu").keys), idx, a.repeats)
-    worker_part = per_cpu_second(lambda b: len(ds_gpu.load(plan, b).keys), idx, a.repeats)
-    main_part = per_cpu_second(lambda r: len(decode_batch(r, "cpu").keys), raws, a.repeats)
-
-    # Pixels of the same samples: bitwise where the CPU path decodes at full scale.
-    diffs, equal, n = [], 0, 0
-    for b, raw in zip(idx, raws):
-        x, y = ds_cpu.load(plan, b), decode_batch(raw, "cpu")
-        assert x.keys == y.keys and torch.equal(x.labels, y.labels)
-        d = (x.images.float() - y.images.float()).abs().mean(dim=(1, 2, 3))
-        diffs.append(d)
-        equal += int((d == 0).sum())
-        n += len(d)
-    d = torch.cat(diffs)
-
-    # (2) the loader, both modes, with workers.
     def loader(decode: str):
         epochs = iter(range(10**6))
         c = cfg(decode, a.workers)
         return lambda: (b.images for b in make_train_loader(c, epoch=next(epochs), rank=0, world_size=1, manifest=m))
 
-    l_cpu = timed_epochs(loader("cpu"), a.repeats)
-    l_gpu = timed_epochs(loader("gpu"), a.repeats)
+    ds_cpu = make_train_loader(cfg("cpu"), epoch=0, rank=0, world_size=1, manifest=m).dataset
+    ds_gpu = make_train_loader(cfg("gpu"), epoch=0, rank=0, world_size=1, manifest=m).dataset
+    plan = ds_cpu.plan()
+    rates, raws = per_core_rates(ds_cpu, ds_gpu, plan, a.repeats)
+    pixels = pixel_agreement(ds_cpu, plan, raws)
+    l_cpu, l_gpu = timed_epochs(loader("cpu"), a.repeats), timed_epochs(loader("gpu"), a.repeats)
 
     print(f"{'(1) one thread, images per CPU-second':58} {'img/s':>8}")
-    rows = [("CPU path (worker: read + DCT-scaled decode + crop/resize)", cpu_path),
-            ("GPU path on device=cpu, worker + main part", gpu_path),
-            ("  worker part only (bytes + header + box)", worker_part),
-            ("  main part only (decode_batch, torchvision CPU decode)", main_part)]
-    for name, r in rows:
+    for name, r in rates.items():
         print(f"{name:58} {r:8.0f}")
+    cpu_path, gpu_path, worker_part, _ = rates.values()
     print(f"{'ratio GPU path (device=cpu) / CPU path':58} {gpu_path / cpu_path:7.2f}x")
     print(f"{'ratio worker part of GPU path / CPU path':58} {worker_part / cpu_path:7.1f}x\n")
     print(f"(2) train loader, {a.workers} workers{'':29} {'steady':>8} {'epoch':>8} {'per CPU-s':>10}")
@@ -126,22 +158,8 @@ def main() -> None:
         print(f"{name:58} {r['steady']:8.0f} {r['wall']:8.0f} {r['cpu']:10.0f}")
     print(f"{'ratio gpu / cpu':58} {l_gpu['steady'] / l_cpu['steady']:7.2f}x {l_gpu['wall'] / l_cpu['wall']:7.2f}x "
           f"{l_gpu['cpu'] / l_cpu['cpu']:9.2f}x\n")
-    print(f"pixels, same {n} samples: {equal} bitwise equal ({100 * equal / n:.0f}%); mean abs diff "
-          f"{d.mean():.3f} levels, largest per-image mean {d.max():.2f} (differences come only from the CPU path's DCT-scaled decode)")
-
-    if torch.cuda.is_available():
-        dev = torch.device("cuda")
-        for r in raws[:2]:
-            decode_batch(r, dev)  # warm: nvJPEG handles, allocator
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(a.repeats):
-            k = sum(len(decode_batch(r, dev).keys) for r in raws)
-        torch.cuda.synchronize()
-        rate = k * a.repeats / (time.perf_counter() - t0)
-        print(f"decode_batch on {torch.cuda.get_device_name(0)} (nvJPEG, one process): {rate:.0f} img/s")
-    else:
-        print("decode_batch on a GPU: not measured (no CUDA device on this machine)")
+    print(pixels)
+    print(cuda_rate(raws, a.repeats))
 
 
 if __name__ == "__main__":

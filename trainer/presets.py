@@ -157,7 +157,7 @@ class TrainPreset:
         self.size, self.scale, self.ratio = size, tuple(scale), tuple(ratio)
         self.hflip_prob, self.decoder = hflip_prob, decoder
 
-    def params(self, width: int, height: int, key: str, seed: int, epoch: int) -> tuple[tuple[int, int, int, int], bool]:
+    def params(self, width: int, height: int, key: str, seed: int, epoch: int) -> tuple[tuple[int, ...], bool]:
         """(crop box (left, top, w, h) in full-size pixels, flip) of one sample: the one place
         the random choices are made, shared by this CPU path and GPU decode (trainer.gpu_decode)."""
         rng = sample_rng(seed, epoch, key)

@@ -227,9 +227,32 @@ def check_ddp(root: str, work: Path, size: Size, gpus: int) -> str:
             f"{record['val_top1']:.1f}% on {record['val_count']} images")
 
 
+def _loader_rate(cfg, steps: int, step, sync) -> tuple[float, float]:
+    """(img/s, fraction of the time spent waiting for data) over ``steps`` loader-fed steps."""
+    from trainer.data import make_train_loader
+
+    done = seen = epoch = 0
+    wait = 0.0
+    t0 = time.perf_counter()
+    while done < steps:
+        it = iter(make_train_loader(cfg, epoch=epoch, rank=0, world_size=1))
+        while done < steps:
+            tw = time.perf_counter()
+            batch = next(it, None)
+            if batch is None:
+                break
+            sync()  # --decode gpu: its kernels count as data time, not as training time
+            wait += time.perf_counter() - tw
+            step(batch.images, batch.labels)
+            done, seen = done + 1, seen + len(batch.keys)
+        epoch += 1
+    sync()
+    total = time.perf_counter() - t0
+    return seen / total, wait / total
+
+
 def check_throughput(root: str, size: Size, device: torch.device) -> str:
     """Train img/s with a synthetic on-device batch vs the streaming loader; data-stall fraction."""
-    from trainer.data import make_train_loader
     from trainer.presets import DeviceNormalize
 
     cuda = device.type == "cuda"
@@ -267,24 +290,8 @@ def check_throughput(root: str, size: Size, device: torch.device) -> str:
     results = []
     for mode in ("cpu", "gpu") if cuda else ("cpu",):
         cfg = _loader_cfg(root, size, device, batch_size=b, image_size=s, decode=mode, decode_device=str(device))
-        done = seen = 0
-        wait, epoch = 0.0, 0
-        t0 = time.perf_counter()
-        while done < size.bench_steps:
-            it = iter(make_train_loader(cfg, epoch=epoch, rank=0, world_size=1))
-            while done < size.bench_steps:
-                tw = time.perf_counter()
-                batch = next(it, None)
-                if batch is None:
-                    break
-                sync()  # --decode gpu: its kernels count as data time, not as training time
-                wait += time.perf_counter() - tw
-                step(batch.images, batch.labels)
-                done, seen = done + 1, seen + len(batch.keys)
-            epoch += 1
-        sync()
-        total = time.perf_counter() - t0
-        results.append(f"loader decode={mode} {seen / total:.0f} img/s, data stall {100 * wait / total:.0f}%")
+        rate, stall = _loader_rate(cfg, size.bench_steps, step, sync)
+        results.append(f"loader decode={mode} {rate:.0f} img/s, data stall {100 * stall:.0f}%")
     amp = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     return (f"{size.bench_arch} {s} px batch {b} {amp} channels_last: synthetic {synthetic:.0f} img/s; "
             + "; ".join(results) + f" ({size.workers} workers, epochs re-start the workers)")
