@@ -110,6 +110,32 @@ def test_resume_with_workers_is_exact(build):
     assert all(torch.equal(g[1], f[1]) and torch.equal(g[2], f[2]) for g, f in zip(got, full[k:]))
 
 
+def test_corrupt_image_and_truncated_shard_are_skipped_as_on_the_cpu_path(build, tmp_path):
+    import shutil
+
+    from common import manifest as mf
+
+    root = str(tmp_path / "b")
+    shutil.copytree(build, root)
+    m = mf.load(root)
+    shards = m.split("train").shards
+    bad, cut = mf.load_index(m, shards[1]), mf.load_index(m, shards[4])
+    tar1, tar4 = Path(root, shards[1].path), Path(root, shards[4].path)
+    data = bytearray(tar1.read_bytes())
+    for i in range(bad.jpg_offsets[3], bad.jpg_offsets[3] + 32):  # no decoder can read its header
+        data[i] ^= 0xFF
+    tar1.write_bytes(bytes(data))
+    tar4.write_bytes(tar4.read_bytes()[:cut.jpg_offsets[6] + 100])  # truncated inside sample 6
+    cpu_loader = make_train_loader(cfg(root, num_workers=2), epoch=0)
+    cpu = list(cpu_loader)
+    loader = make_train_loader(gpu(root, num_workers=2), epoch=0)
+    got = list(loader)
+    assert [b.keys for b in got] == [b.keys for b in cpu]
+    assert [b.num_skipped for b in got] == [b.num_skipped for b in cpu]
+    assert loader.num_skipped == cpu_loader.num_skipped == 1 + len(cut.keys) - 6
+    assert bad.keys[3] not in {k for b in got for k in b.keys}
+
+
 def test_training_with_decode_gpu_resumes_mid_epoch_bitwise(build, tmp_path):
     """The real trainer (CPU device): a run resumed from its step-3 checkpoint ends with the same
     weights, bitwise, and trains on the same samples as the uninterrupted run."""
