@@ -38,6 +38,7 @@ class TrainConfig:
     color_jitter: float = 0.0          # the original script used 0.4 (brightness/contrast/saturation)
     workers: int = 8                   # DataLoader workers per process
     cache_dir: str | None = None
+    decode: str = "cpu"                # cpu (workers decode) | gpu (nvJPEG on the training device; trainer.gpu_decode)
     amp: str = "auto"                  # auto | bf16 | fp16 | off
     compile: bool = False
     channels_last: bool = True
@@ -109,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--color-jitter", dest="color_jitter", type=float, default=d["color_jitter"])
     p.add_argument("--workers", "-j", dest="workers", type=int, default=d["workers"])
     p.add_argument("--cache-dir", dest="cache_dir", default=None, help="local shard cache (write-through)")
+    p.add_argument("--decode", default=d["decode"], choices=["cpu", "gpu"],
+                   help="JPEG decode + crop/resize in the DataLoader workers (cpu) or batched on the training "
+                        "device (gpu: nvJPEG on CUDA; on a CPU device the same code path with torchvision's decoder)")
     p.add_argument("--amp", default=d["amp"], choices=["auto", "bf16", "fp16", "off"])
     _bool_flag(p, "compile", d["compile"], "torch.compile the model")
     _bool_flag(p, "channels-last", d["channels_last"], "channels_last memory format")

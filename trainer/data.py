@@ -66,12 +66,16 @@ class LoaderConfig:
     multiprocessing_context: str | None = "fork" if sys.platform.startswith("linux") else "spawn"
     prefetch_factor: int = 2
     with_keys: bool = True
+    decode: str = "cpu"                # "gpu": workers send JPEG bytes, decode_device decodes (trainer.gpu_decode)
+    decode_device: str | None = None   # for decode="gpu"; default: the current CUDA device
 
     def __post_init__(self):
         if self.batch_size < 1 or self.accum < 1 or self.num_workers < 0:
             raise ValueError(f"bad batch_size/accum/num_workers in {self}")
         if self.decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {DECODERS}, not {self.decoder!r}")
+        if self.decode not in ("cpu", "gpu"):
+            raise ValueError(f"decode must be 'cpu' or 'gpu', not {self.decode!r}")
 
 
 class Batch(NamedTuple):
@@ -155,6 +159,9 @@ class PlanDataset(IterableDataset):
             yield self.load(p, b)
 
     def load(self, p: planlib.RankPlan, b: int) -> Batch:
+        if self.cfg.decode == "gpu":  # bytes + crop boxes only; ShardLoader decodes on the device
+            from trainer.gpu_decode import read_raw
+            return read_raw(self, p, b, worker=get_worker_info() is not None)
         ids = p.batch(b)
         shard = np.searchsorted(self.offsets, ids, side="right") - 1
         local = ids - self.offsets[shard]
@@ -215,8 +222,13 @@ class ShardLoader:
 
     def __iter__(self):
         it = iter(self.dataloader)
+        batches = it
+        if self.cfg.decode == "gpu":  # --decode gpu: workers sent bytes; decode here, on the device
+            from trainer.gpu_decode import decode_batch, resolve_device
+            device = resolve_device(self.cfg.decode_device)
+            batches = (decode_batch(raw, device) for raw in it)
         try:
-            for batch in it:
+            for batch in batches:
                 self.num_skipped += batch.num_skipped
                 yield batch
         finally:

@@ -157,12 +157,18 @@ class TrainPreset:
         self.size, self.scale, self.ratio = size, tuple(scale), tuple(ratio)
         self.hflip_prob, self.decoder = hflip_prob, decoder
 
+    def params(self, width: int, height: int, key: str, seed: int, epoch: int) -> tuple[tuple[int, ...], bool]:
+        """(crop box (left, top, w, h) in full-size pixels, flip) of one sample: the one place
+        the random choices are made, shared by this CPU path and GPU decode (trainer.gpu_decode)."""
+        rng = sample_rng(seed, epoch, key)
+        box = random_resized_crop_box(width, height, rng, self.scale, self.ratio)
+        return box, rng.random() < self.hflip_prob
+
     def __call__(self, jpeg: bytes, key: str, seed: int, epoch: int) -> torch.Tensor:
         """uint8 [3, size, size]; raises on undecodable or truncated data."""
-        rng = sample_rng(seed, epoch, key)
         size, turbo = self.size, self.decoder == "simplejpeg"
         width, height = _size(jpeg, turbo)
-        box = random_resized_crop_box(width, height, rng, self.scale, self.ratio)
+        box, flip = self.params(width, height, key, seed, epoch)
         # The box stays >= size x size when the whole image stays >= these dimensions.
         need_w, need_h = width * size / box[2], height * size / box[3]
         if turbo:
@@ -175,7 +181,7 @@ class TrainPreset:
             left, top, w, h = box
             out = _pil_to_chw(im.resize((size, size), BILINEAR, box=(
                 left * fx, top * fy, min((left + w) * fx, im.width), min((top + h) * fy, im.height))))
-        return out.flip(-1) if rng.random() < self.hflip_prob else out
+        return out.flip(-1) if flip else out
 
     def __repr__(self) -> str:
         return f"TrainPreset(size={self.size}, scale={self.scale}, ratio={self.ratio}, decoder={self.decoder!r})"

@@ -159,7 +159,8 @@ def _train(cfg, dinfo, manifest, store, run_files, logger, state, resumed_from, 
                     total_steps=total_steps, warmup_steps=warmup_steps, peak_lr=peak_lr)
     lcfg = LoaderConfig(cfg.data, batch_size=B, accum=accum, image_size=cfg.image_size, val_resize=cfg.val_resize,
                         num_workers=cfg.workers, seed=cfg.seed, cache_dir=cfg.cache_dir,
-                        pin_memory=dinfo.device.type == "cuda", with_keys=cfg.sample_log)
+                        pin_memory=dinfo.device.type == "cuda", with_keys=cfg.sample_log,
+                        decode=cfg.decode, decode_device=str(dinfo.device))
     best = state.get("best_top1", 0.0) if state else 0.0
     logger.info(f"{cfg.arch} on {manifest.num_classes} classes, {n_train} train images; {W} process(es) on "
                 f"{dinfo.device.type}, batch {B} x {W} x accum {accum} = {global_batch}, lr {peak_lr:g}, "
