@@ -238,7 +238,7 @@ class S3Reader(io.RawIOBase):
         """Up to ``n`` bytes from one socket read (what arrived is returned, not lost in a cut)."""
         raw = getattr(self._body, "_raw_stream", None)
         if hasattr(raw, "read1"):  # urllib3 2.x; its errors are the transient kinds
-            return raw.read1(n) or b""
+            return raw.read1(min(n, 1 << 20)) or b""
         return self._body.read(min(n, 64 << 10))  # older urllib3: small reads lose less per cut
 
     def readinto(self, buf) -> int:
