@@ -12,8 +12,30 @@ on where data lives:
 
 boto3 is imported here and nowhere else. The endpoint comes from the standard
 ``AWS_ENDPOINT_URL`` (boto3 reads it itself) and credentials only from boto3's standard
-chain. Transient failures are retried in one place (:func:`retry`) with bounded
-exponential backoff; permanent ones become a one-line :class:`UserError`.
+chain. Permanent failures (missing bucket, no credentials, access denied) become a one-line
+:class:`UserError` at once.
+
+Retries: one policy per operation, in one place. botocore's own retries are off for our
+client (``total_max_attempts=1``: one HTTP request per try), so nothing nests:
+
+* every operation but a streaming read (head, put, list, delete, upload_file) runs in
+  :func:`retry`: at most ``MAX_ATTEMPTS`` tries (default 6, ``IMAGENET_S3_MAX_ATTEMPTS``)
+  on transient errors (dropped connections, timeouts, throttling, 5xx). A failed
+  ``upload_file`` try starts that upload again.
+* a read (:class:`S3Reader`, behind read_bytes / open_read / download_file) keeps every
+  byte it received: after a cut it asks for the rest with ``Range: bytes=<next byte>-``.
+  Its budget counts tries *without progress*: a connection that delivered at least one new
+  byte does not count, so a read through a link that is cut every few KB still completes;
+  ``MAX_ATTEMPTS`` tries in a row that deliver nothing fail it (an OSError naming the byte).
+
+Each try is bounded in time: ``CONNECT_TIMEOUT_S`` (10 s) to connect and
+``READ_TIMEOUT_S`` (60 s) for any socket read or write to make progress. Between tries
+without progress the wait is full-jitter backoff, ``uniform(0, min(5, 0.2 * 2**k))`` s
+after the k-th, at most 0.4 + 0.8 + 1.6 + 3.2 + 5 = 11 s in all. Worst case before an
+error surfaces, with the defaults: 6 tries and 6 x (10 + 60) s + 11 s, about 7.2 minutes
+after the last byte moved; under the trainer's default 15-minute hang watchdog, so a dead
+store is reported as an error, not as a hang. (A server that keeps trickling bytes is not
+cut here; in training the hang watchdog bounds that.)
 """
 from __future__ import annotations
 
@@ -32,9 +54,11 @@ from common.errors import UserError
 
 T = TypeVar("T")
 
-MAX_ATTEMPTS = int(os.environ.get("IMAGENET_S3_MAX_ATTEMPTS", "6"))
+MAX_ATTEMPTS = int(os.environ.get("IMAGENET_S3_MAX_ATTEMPTS", "6"))  # tries without progress, per operation
 BACKOFF_BASE_S = 0.2
 BACKOFF_MAX_S = 5.0
+CONNECT_TIMEOUT_S = 10
+READ_TIMEOUT_S = 60
 MULTIPART_THRESHOLD = 64 * 2**20
 MULTIPART_CHUNK = 32 * 2**20
 
@@ -78,9 +102,9 @@ def _client():
             from botocore.config import Config
 
             cfg = Config(
-                retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"},
-                connect_timeout=10,
-                read_timeout=60,
+                retries={"total_max_attempts": 1, "mode": "standard"},  # ours only: see the module docstring
+                connect_timeout=CONNECT_TIMEOUT_S,
+                read_timeout=READ_TIMEOUT_S,
                 max_pool_connections=32,
             )
             client = boto3.session.Session().client("s3", config=cfg)
@@ -89,44 +113,63 @@ def _client():
         return client
 
 
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and what it wraps (boto3's S3UploadFailedError wraps the ClientError)."""
+    for _ in range(5):
+        yield exc
+        nxt = exc.__cause__ or exc.__context__
+        if nxt is None:
+            return
+        exc = nxt
+
+
 def _transient(exc: BaseException) -> bool:
     """True for errors worth retrying: dropped connections, timeouts, throttling, 5xx."""
     from botocore.exceptions import ClientError, ConnectionError as BotoConnError
     from botocore.exceptions import IncompleteReadError, ReadTimeoutError, ResponseStreamingError
 
-    if isinstance(exc, (BotoConnError, ReadTimeoutError, IncompleteReadError, ResponseStreamingError)):
-        return True
-    if isinstance(exc, ClientError):
-        code = exc.response.get("Error", {}).get("Code", "")
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        return status >= 500 or code in {"SlowDown", "Throttling", "RequestTimeout", "InternalError"}
-    # urllib3 / http.client errors surface raw while streaming a body
-    name = type(exc).__name__
-    return isinstance(exc, (ConnectionError, TimeoutError)) or name in {
-        "ProtocolError", "IncompleteRead", "ReadTimeoutError", "RemoteDisconnected", "SSLError",
-    }
+    for e in _chain(exc):
+        if isinstance(e, (BotoConnError, ReadTimeoutError, IncompleteReadError, ResponseStreamingError)):
+            return True
+        if isinstance(e, ClientError):
+            code = e.response.get("Error", {}).get("Code", "")
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            return status >= 500 or code in {"SlowDown", "Throttling", "RequestTimeout", "InternalError"}
+        # urllib3 / http.client errors surface raw while streaming a body
+        if isinstance(e, (ConnectionError, TimeoutError)) or type(e).__name__ in {
+                "ProtocolError", "IncompleteRead", "ReadTimeoutError", "RemoteDisconnected", "SSLError"}:
+            return True
+    return False
 
 
 def _user_error(exc: BaseException, url: str) -> UserError | None:
     """Map permanent S3 failures to a one-line message a user can act on."""
     from botocore.exceptions import ClientError, NoCredentialsError, PartialCredentialsError
 
-    if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
-        return UserError(
-            f"no AWS credentials for {url}: configure them the standard way "
-            "(aws configure / AWS_PROFILE / AWS_ACCESS_KEY_ID+AWS_SECRET_ACCESS_KEY / an instance role)"
-        )
-    if isinstance(exc, ClientError):
-        code = exc.response.get("Error", {}).get("Code", "")
-        if code == "NoSuchBucket":
-            return UserError(f"S3 bucket of {url} does not exist: create it or fix the URL")
-        if code in {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"}:
-            return UserError(f"access denied to {url} ({code}): check the credentials and bucket policy")
+    for e in _chain(exc):
+        if isinstance(e, (NoCredentialsError, PartialCredentialsError)):
+            return UserError(
+                f"no AWS credentials for {url}: configure them the standard way "
+                "(aws configure / AWS_PROFILE / AWS_ACCESS_KEY_ID+AWS_SECRET_ACCESS_KEY / an instance role)"
+            )
+        if isinstance(e, ClientError):
+            code = e.response.get("Error", {}).get("Code", "")
+            if code == "NoSuchBucket":
+                return UserError(f"S3 bucket of {url} does not exist: create it or fix the URL")
+            if code in {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"}:
+                return UserError(f"access denied to {url} ({code}): check the credentials and bucket policy")
+            return None
     return None
 
 
+def _backoff(failures: int) -> None:
+    """Sleep before the next try after ``failures`` tries in a row failed (full jitter keeps
+    many workers from retrying in lockstep)."""
+    time.sleep(random.uniform(0, min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2**failures)))
+
+
 def retry(fn: Callable[[], T], what: str) -> T:
-    """Run ``fn`` with bounded exponential backoff on transient errors.
+    """Run ``fn`` (one S3 request) up to MAX_ATTEMPTS times with backoff on transient errors.
 
     ``what`` names the object in the final error. Permanent S3 errors (missing bucket,
     no credentials, access denied) surface at once as UserError.
@@ -143,8 +186,7 @@ def retry(fn: Callable[[], T], what: str) -> T:
                     raise mapped from exc
             if not _transient(exc) or attempt == MAX_ATTEMPTS:
                 raise
-            # Full jitter keeps many workers from retrying in lockstep.
-            time.sleep(random.uniform(0, min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2**attempt)))
+            _backoff(attempt)
     raise AssertionError("unreachable")
 
 
@@ -160,10 +202,12 @@ def _not_found(exc: BaseException) -> bool:
 
 # --------------------------------------------------------------------------- reading
 class S3Reader(io.RawIOBase):
-    """Streaming reader of one S3 object that survives dropped connections.
+    """Streaming reader of one S3 object (or a byte range of it) that survives dropped connections.
 
-    When the body stream breaks, it reopens the object with ``Range: bytes=<pos>-`` and
-    continues from the byte where it stopped, up to MAX_ATTEMPTS times in a row.
+    Every byte received is kept: when the body stream breaks, the reader reopens the object
+    with ``Range: bytes=<pos>-`` and continues at the next byte. Each ``readinto`` returns
+    what one socket read delivered (``read1``), so a cut loses nothing already received. It
+    fails after MAX_ATTEMPTS tries in a row that delivered no new byte (module docstring).
     """
 
     def __init__(self, url: str, start: int = 0, end: int | None = None):
@@ -173,44 +217,70 @@ class S3Reader(io.RawIOBase):
         self.pos = start
         self.end = end  # exclusive; None = to the end of the object
         self._body = None
+        self._stop: int | None = None  # where the open response's body ends
+        self._got = 0  # bytes the open connection delivered
+        self._failures = 0  # tries in a row without a new byte
+        self._eof = False
 
     def readable(self) -> bool:
         return True
 
-    def _open(self):
+    def _open(self) -> None:
         kwargs = {"Bucket": self.bucket, "Key": self.key}
         if self.pos or self.end is not None:  # no Range for a whole object: it may be empty
             kwargs["Range"] = f"bytes={self.pos}-" if self.end is None else f"bytes={self.pos}-{self.end - 1}"
-        resp = retry(lambda: _client().get_object(**kwargs), self.url)
-        self._body = resp["Body"]
+        resp = _client().get_object(**kwargs)  # one request: the retries are readinto's
+        self._body, self._got = resp["Body"], 0
+        length = resp.get("ContentLength")
+        self._stop = self.pos + int(length) if length is not None else self.end
+
+    def _read1(self, n: int) -> bytes:
+        """Up to ``n`` bytes from one socket read (what arrived is returned, not lost in a cut)."""
+        raw = getattr(self._body, "_raw_stream", None)
+        if hasattr(raw, "read1"):  # urllib3 2.x; its errors are the transient kinds
+            return raw.read1(min(n, 1 << 20)) or b""
+        return self._body.read(min(n, 64 << 10))  # older urllib3: small reads lose less per cut
 
     def readinto(self, buf) -> int:
-        if self.end is not None and self.pos >= self.end:
+        if self._eof or (self.end is not None and self.pos >= self.end):
             return 0
         want = len(buf) if self.end is None else min(len(buf), self.end - self.pos)
-        for attempt in range(1, MAX_ATTEMPTS + 1):
+        while True:
             try:
                 if self._body is None:
                     self._open()
-                data = self._body.read(want)
-                if not data and self.end is not None and self.pos < self.end:
-                    raise ConnectionError(f"stream ended at byte {self.pos} before {self.end}")
+                data = self._read1(want)
+                if not data:
+                    if self._stop is not None and self.pos < self._stop:
+                        raise ConnectionError(f"stream ended at byte {self.pos} before {self._stop}")
+                    self._eof = True  # the object ends here (shorter than the range asked for)
+                    return 0
                 n = len(data)
                 buf[:n] = data
                 self.pos += n
+                self._got += n
+                self._failures = 0
                 return n
             except UserError:
                 raise
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001 - classified below
+                self._drop_body()
                 if _not_found(exc):
                     raise FileNotFoundError(f"{self.url} does not exist") from exc
                 if _error_code(exc) == "InvalidRange" and self.end is None:
+                    self._eof = True
                     return 0  # resumed exactly at the end of the object
-                self._body = None
-                if not _transient(exc) or attempt == MAX_ATTEMPTS:
-                    raise OSError(f"reading {self.url} failed at byte {self.pos} after {attempt} attempts: {exc}") from exc
-                time.sleep(random.uniform(0, min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2**attempt)))
-        raise AssertionError("unreachable")
+                mapped = _user_error(exc, self.url)
+                if mapped is not None:
+                    raise mapped from exc
+                if self._got and _transient(exc):  # this connection made progress: reconnect now, budget intact
+                    self._got = 0
+                    continue
+                self._failures += 1
+                if not _transient(exc) or self._failures >= MAX_ATTEMPTS:
+                    raise OSError(f"reading {self.url} failed at byte {self.pos} after {self._failures} "
+                                  f"attempt(s) without progress: {exc}") from exc
+                _backoff(self._failures)
 
     def readall(self) -> bytes:
         """Read to the end in 1 MiB pieces (io's default readall asks for 8 KiB at a time)."""
@@ -220,13 +290,16 @@ class S3Reader(io.RawIOBase):
             chunks.append(bytes(buf[:n]))
         return b"".join(chunks)
 
-    def close(self):
+    def _drop_body(self) -> None:
         if self._body is not None:
             try:
                 self._body.close()
             except Exception:  # noqa: BLE001 - closing a broken stream
                 pass
             self._body = None
+
+    def close(self):
+        self._drop_body()
         super().close()
 
 
@@ -355,11 +428,14 @@ def stat(url: str) -> Stat | None:
 
         def head():
             try:
-                return _client().head_object(Bucket=bucket, Key=key)
+                resp = _client().head_object(Bucket=bucket, Key=key)
             except Exception as exc:  # noqa: BLE001
                 if _not_found(exc):
                     return None
                 raise
+            if "ContentLength" not in resp:  # headers cut short on the way
+                raise ConnectionError(f"HEAD {url}: response without Content-Length")
+            return resp
 
         resp = retry(head, url)
         return None if resp is None else Stat(resp["ContentLength"], dict(resp.get("Metadata", {})))

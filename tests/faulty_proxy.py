@@ -9,7 +9,11 @@
 Every ``every``-th connection is eligible: once its response bytes (server -> client) pass
 ``cut_after``, the proxy forwards exactly ``cut_after`` bytes and then resets both sides,
 as a dropped network connection would, until ``max_cuts`` cuts have been made. Everything
-else is forwarded unchanged.
+else is forwarded unchanged. ``reset=True`` cuts with a bare TCP RST (no FIN first), as a
+dead middlebox does: the client sees the bytes, then ECONNRESET instead of an early EOF.
+
+``stall()`` makes the proxy stop answering, like a hung server: connections are still
+accepted, but nothing more is forwarded in either direction until ``resume()`` (or ``stop()``).
 """
 from __future__ import annotations
 
@@ -18,20 +22,25 @@ import struct
 import threading
 
 
-def _drop(sock: socket.socket) -> None:
+def _drop(sock: socket.socket, fin: bool = True) -> None:
     """Drop a connection now: RST on close (SO_LINGER 0), and shutdown() first, because a
-    plain close() does not wake the other pump thread blocked in recv() on the same socket."""
+    plain close() does not wake the other pump thread blocked in recv() on the same socket.
+    ``fin=False`` shuts down only the read side (which sends nothing), so the peer gets the RST alone."""
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        sock.shutdown(socket.SHUT_RDWR)
+        sock.shutdown(socket.SHUT_RDWR if fin else socket.SHUT_RD)
     except OSError:
         pass
     sock.close()
 
 
 class FaultyProxy:
-    def __init__(self, target: tuple[str, int], *, cut_after: int = 64 * 1024, max_cuts: int = 3, every: int = 1):
+    def __init__(self, target: tuple[str, int], *, cut_after: int = 64 * 1024, max_cuts: int = 3, every: int = 1,
+                 reset: bool = False):
         self.target, self.cut_after, self.max_cuts, self.every = target, cut_after, max_cuts, max(1, every)
+        self.reset = reset
+        self._flowing = threading.Event()  # cleared while stalled
+        self._flowing.set()
         self.cuts = 0
         self.connections = 0
         self.bytes_down = 0  # response bytes forwarded (server -> client), all connections
@@ -52,8 +61,16 @@ class FaultyProxy:
         self._thread.start()
         return self
 
+    def stall(self) -> None:
+        """Stop answering: hold every connection open, forward nothing (a hung server)."""
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        self._flowing.set()
+
     def stop(self) -> None:
         self._stop.set()
+        self._flowing.set()  # release stalled pumps; their sockets close with the peers
         self._server.close()
 
     def __enter__(self) -> "FaultyProxy":
@@ -90,9 +107,12 @@ class FaultyProxy:
         sent = 0
         try:
             while data := src.recv(65536):
+                self._flowing.wait()
+                if self._stop.is_set():
+                    return
                 if may_cut and sent + len(data) > self.cut_after and self._take_cut():
                     dst.sendall(data[:self.cut_after - sent])
-                    _drop(dst)
+                    _drop(dst, fin=not self.reset)
                     _drop(src)
                     return
                 dst.sendall(data)

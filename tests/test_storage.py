@@ -95,3 +95,68 @@ def test_empty_object_reads_as_empty(root):
     storage.write_bytes(url, b"")
     assert storage.read_bytes(url) == b""
     storage.download_file(url, storage.join(str(os.environ.get("TMPDIR", "/tmp")), f"empty-{os.getpid()}"))
+
+
+# --------------------------------------------------------------------------- dropped connections
+@pytest.fixture
+def through_proxy(s3_server, monkeypatch):
+    """Start a FaultyProxy in front of the S3 server and point this process's client at it."""
+    from tests.faulty_proxy import FaultyProxy
+
+    proxies = []
+
+    def make(**kwargs) -> FaultyProxy:
+        port = int(s3_server.rsplit(":", 1)[1])
+        proxy = FaultyProxy(("127.0.0.1", port), **kwargs).start()
+        proxies.append(proxy)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        monkeypatch.setattr(storage, "_clients", {})  # a new client for the new endpoint
+        return proxy
+
+    yield make
+    for p in proxies:
+        p.stop()
+
+
+def test_range_read_cut_every_12kb_keeps_its_progress(s3_bucket, through_proxy, monkeypatch):
+    """Every connection is cut after 12 KB (headers included): each try must continue at the
+    next byte, and tries that made progress must not use up the (small) retry budget."""
+    url = f"{s3_bucket}/cut/obj.bin"
+    data = os.urandom(200_000)
+    storage.write_bytes(url, data)
+    monkeypatch.setattr(storage, "MAX_ATTEMPTS", 3)
+    proxy = through_proxy(cut_after=12 * 1024, max_cuts=10_000, reset=True)
+    assert storage.read_bytes(url, 1000, 139_000) == data[1000:139_000]  # a 138 KB range
+    assert proxy.cuts >= 138_000 // (12 * 1024)  # the cuts really happened, far more than MAX_ATTEMPTS
+    cuts = proxy.cuts
+    with storage.open_read(url, 5) as f:  # the streaming reader (download_file, sha256_file) too
+        assert f.read() == data[5:]
+    assert proxy.cuts - cuts >= 200_000 // (12 * 1024)
+
+
+def test_retries_are_bounded_and_in_one_place(s3_bucket, through_proxy, monkeypatch):
+    """With botocore's retries off, one operation makes exactly MAX_ATTEMPTS requests (one per
+    connection here) before it fails; not MAX_ATTEMPTS cubed."""
+    url = f"{s3_bucket}/bounded/obj.bin"
+    storage.write_bytes(url, os.urandom(50_000))
+    monkeypatch.setattr(storage, "MAX_ATTEMPTS", 3)
+    proxy = through_proxy(cut_after=100, max_cuts=10_000)  # cut inside the response headers: no progress
+    with pytest.raises(OSError, match="failed at byte 0 after 3 attempt"):
+        storage.read_bytes(url, 0, 40_000)
+    assert proxy.connections == 3
+    with pytest.raises(Exception) as info:  # noqa: PT011 - botocore's connection error class
+        storage.stat(url)
+    assert storage._transient(info.value) and proxy.connections == 6
+    proxy = through_proxy(cut_after=0, max_cuts=10_000)  # nothing at all comes back
+    with pytest.raises(Exception) as info:  # noqa: PT011
+        storage.write_bytes(url, b"x")
+    assert storage._transient(info.value) and proxy.connections == 3
+
+
+def test_read_past_the_end_of_a_shorter_object_returns_what_exists(root):
+    """A truncated object (shorter than the range) reads short instead of retrying: callers
+    (the shard reader) skip what is missing."""
+    url = storage.join(root, "short.bin")
+    data = os.urandom(5000)
+    storage.write_bytes(url, data)
+    assert storage.read_bytes(url, 1000, 9000) == data[1000:]

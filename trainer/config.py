@@ -58,6 +58,8 @@ class TrainConfig:
     check_sync_every: int = 0          # compare a weight checksum across ranks every N steps (0 = off)
     sample_log: bool = False           # write the keys of every step's samples (audit, elastic tests)
     imds_poll_seconds: float = 5.0
+    hang_timeout_minutes: float = 15.0      # no step / eval batch for this long: stacks to the log, exit 76
+    hang_first_step_minutes: float = 30.0   # the first step (and first evaluation) after a start or resume
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -79,6 +81,10 @@ class TrainConfig:
             raise UserError(f"--device must be auto, cpu or cuda, got {self.device}")
         if self.lr <= 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
+        for name in ("hang_timeout_minutes", "hang_first_step_minutes"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 0 (0 turns the hang watchdog off), "
+                                f"got {getattr(self, name)}")
 
 
 def _bool_flag(p: argparse.ArgumentParser, name: str, default: bool, help: str) -> None:
@@ -138,6 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-log", dest="sample_log", action="store_true",
                    help="write each step's sample keys to LOCAL_DIR/samples/epochNNN_rankR.jsonl")
     p.add_argument("--imds-poll-seconds", dest="imds_poll_seconds", type=float, default=d["imds_poll_seconds"])
+    p.add_argument("--hang-timeout-minutes", dest="hang_timeout_minutes", type=float,
+                   default=d["hang_timeout_minutes"],
+                   help="if no optimizer step (or eval batch) completes for this long, log every thread's stack "
+                        "and exit 76 so the restart loop resumes from the last checkpoint (0 = off)")
+    p.add_argument("--hang-first-step-minutes", dest="hang_first_step_minutes", type=float,
+                   default=d["hang_first_step_minutes"],
+                   help="the same allowance for the first step and the first evaluation after a start or resume "
+                        "(compilation, cache warm-up)")
     return p
 
 

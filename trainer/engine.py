@@ -81,6 +81,7 @@ class Engine:
         self.jitter = DeviceColorJitter(color_jitter, color_jitter, color_jitter) if color_jitter > 0 else None
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.seed, self.total_steps, self.warmup_steps, self.peak_lr = seed, total_steps, warmup_steps, peak_lr
+        self.heartbeat = _no_beat  # called after each optimizer step and each eval batch (hang watchdog)
 
     def _inputs(self, images: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
         """uint8 [B,3,H,W] -> normalized float on the device (color jitter seeded per step)."""
@@ -140,6 +141,7 @@ class Engine:
             self.optimizer.zero_grad(set_to_none=True)
             state.step_in_epoch += 1
             state.global_step += 1
+            self.heartbeat()
             if check_sync_every and state.global_step % check_sync_every == 0:
                 assert_same_weights(self.model, device)
                 res.sync_checks += 1
@@ -159,12 +161,17 @@ class Engine:
         return res
 
     def evaluate(self, model: nn.Module, loader, expected: int) -> dict:
-        return evaluate_model(model, loader, expected, self.dist.device, self.amp, self.normalize, self.memory_format)
+        return evaluate_model(model, loader, expected, self.dist.device, self.amp, self.normalize, self.memory_format,
+                              heartbeat=self.heartbeat)
+
+
+def _no_beat() -> None:
+    pass
 
 
 @torch.no_grad()
 def evaluate_model(model: nn.Module, loader, expected: int, device: torch.device, amp: Amp,
-                   normalize=None, memory_format=torch.channels_last) -> dict:
+                   normalize=None, memory_format=torch.channels_last, heartbeat=_no_beat) -> dict:
     """Top-1/top-5 over this rank's share, summed over ranks once (no per-batch collectives).
 
     ``model`` is the unwrapped module: ranks may hold different numbers of val batches.
@@ -175,6 +182,7 @@ def evaluate_model(model: nn.Module, loader, expected: int, device: torch.device
     model.eval()
     loss_sum = c1 = c5 = n = skipped = 0
     for batch in loader:
+        heartbeat()
         skipped += batch.num_skipped
         if not len(batch.labels):
             continue

@@ -5,7 +5,9 @@
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29400 -m trainer ...
 
 Exit codes: 0 finished, 75 interrupted on purpose (SIGTERM or an EC2 spot notice; a
-checkpoint was saved and uploaded: rerun the same command to resume), 2 bad input, 1 other.
+checkpoint was saved and uploaded: rerun the same command to resume), 76 the hang watchdog
+fired (no progress for --hang-timeout-minutes; thread stacks in the log; rerun resumes from
+the last checkpoint), 2 bad input, 1 other.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from trainer.metrics import RunFiles
 from trainer.model import build_model, load_pretrained, param_groups, unwrap
 from trainer.presets import IMAGENET_MEAN, IMAGENET_STD
 from trainer.spot import EXIT_COMPLETED, EXIT_INTERRUPTED, InterruptWatcher, report_exit
+from trainer.watchdog import HangWatchdog, collective_timeout_minutes
 
 log = logging.getLogger("trainer")
 
@@ -96,7 +99,8 @@ def check_compatible(state: dict, cfg: TrainConfig, manifest: mf.Manifest, where
 
 
 def train(cfg: TrainConfig) -> int:
-    dinfo = setup(cfg.device)
+    dinfo = setup(cfg.device, timeout_minutes=collective_timeout_minutes(cfg.hang_timeout_minutes,
+                                                                         cfg.hang_first_step_minutes))
     store = None
     try:
         if cfg.deterministic:
@@ -185,6 +189,11 @@ def _train(cfg, dinfo, manifest, store, run_files, logger, state, resumed_from, 
     watcher = InterruptWatcher(poll_imds=None if dinfo.local_rank == 0 else False,
                                poll_interval_s=cfg.imds_poll_seconds)
     watcher.start()
+    dog = HangWatchdog(cfg.hang_timeout_minutes * 60, cfg.hang_first_step_minutes * 60, log_path=run_files.log_path,
+                       on_fire=_log_uploader(cfg, run_files.log_path))
+    engine.heartbeat = dog.beat
+    dog.start()  # the first step after this start (or resume) gets the long allowance
+    first_eval = True
     s = start
     try:
         while s.epoch < cfg.epochs:
@@ -223,6 +232,9 @@ def _train(cfg, dinfo, manifest, store, run_files, logger, state, resumed_from, 
                 report_exit(EXIT_INTERRUPTED, watcher.reason)  # torchrun turns our 75 into its 1
                 return EXIT_INTERRUPTED
             broadcast_buffers(unwrap(wrapped))
+            if first_eval:  # its first batch may start workers and warm caches: the long allowance
+                dog.expect_slow("first evaluation batch")
+                first_eval = False
             val = engine.evaluate(unwrap(wrapped), make_val_loader(lcfg, rank=dinfo.rank, world_size=W,
                                                                    manifest=manifest),
                                   manifest.split("val").num_samples)
@@ -248,7 +260,15 @@ def _train(cfg, dinfo, manifest, store, run_files, logger, state, resumed_from, 
         report_exit(EXIT_COMPLETED)
         return EXIT_COMPLETED
     finally:
+        dog.stop()
         watcher.stop()
+
+
+def _log_uploader(cfg: TrainConfig, log_path: Path | None):
+    """What the watchdog runs (bounded) before it exits: copy the log, stacks included, to an s3:// output."""
+    if log_path is None or not storage.is_s3(cfg.output):
+        return None
+    return lambda: storage.upload_file(log_path, storage.join(cfg.output, log_path.name))
 
 
 def _sample_log(cfg: TrainConfig, local: Path, epoch: int, rank: int):
