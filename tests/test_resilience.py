@@ -137,6 +137,42 @@ def test_sigterm_to_torchrun_checkpoints_within_60s_and_resumes_at_that_step(dat
     assert_bitwise_equal(final_model(out), reference)
 
 
+def metrics(output: str) -> list[dict]:
+    return [json.loads(x) for x in storage.read_bytes(storage.join(output, "metrics.jsonl")).decode().splitlines()]
+
+
+def test_sigterm_on_the_last_step_of_an_epoch_saves_that_step_and_resumes_exactly(data, tmp_path):
+    """One step per epoch, so the stop is agreed on an epoch's last step: a checkpoint of that
+    step is verified in S3 before exit 75; the resumed run goes straight to that epoch's
+    evaluation (no step redone, each epoch's metrics recorded once) and ends bitwise equal."""
+    one = [*ARGS, "--limit-train-steps", "1", "--sample-log"]
+    ref = "s3://resilience/runs/last-step-reference"
+    finish(start("--data", data, "--output", ref, *one, "--local-dir", str(tmp_path / "ref")))
+    out, local1, local2, status = "s3://resilience/runs/last-step", tmp_path / "l1", tmp_path / "l2", tmp_path / "st"
+    proc = start("--data", data, "--output", out, *one, "--local-dir", str(local1),
+                 env=_env(IMAGENET_EXIT_STATUS_FILE=str(status)))
+    log = local1 / "samples" / "epoch001_rank0.jsonl"
+    wait_for(lambda: log.exists() and log.read_text().count("\n") >= 1, what="the first step")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert status.read_text().split()[0] == str(EXIT_INTERRUPTED), err[-3000:]
+    ckpt = latest(out)
+    assert ckpt["step_in_epoch"] == 1 and ckpt["name"] == f"checkpoint_epoch_{ckpt['epoch'] + 1:03d}_step_000001.pth"
+    url = storage.join(out, "checkpoints", ckpt["name"])
+    body = storage.read_bytes(url)
+    assert len(body) == ckpt["bytes"] and mf.sha256_bytes(body) == ckpt["sha256"]
+    assert err.index(f"checkpoint {url} saved and verified") > err.index("interrupted (")
+    err = finish(start("--data", data, "--output", out, *one, "--local-dir", str(local2)))
+    assert f"at epoch {ckpt['epoch'] + 1} step 1" in err
+    resumed = local2 / "samples" / f"epoch{ckpt['epoch'] + 1:03d}_rank0.jsonl"
+    assert not resumed.exists() or not resumed.read_text().strip(), "the resumed run redid the saved step"
+    got, want = metrics(out), metrics(ref)
+    assert [r["epoch"] for r in got] == [1, 2]
+    for g, w in zip(got, want):  # the interrupted epoch's train metrics cover the whole epoch
+        assert g["val_top1"] == w["val_top1"] and g["train_loss"] == pytest.approx(w["train_loss"], rel=1e-9)
+    assert_bitwise_equal(final_model(out), final_model(ref))
+
+
 def test_imds_spot_notice_behaves_like_sigterm(data, tmp_path):
     out = str(tmp_path / "run")
     with ImdsEmulator() as imds:

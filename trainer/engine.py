@@ -90,19 +90,30 @@ class Engine:
         return self.normalize(x).contiguous(memory_format=self.memory_format)
 
     def train_epoch(self, loader, state: StepState, *, stop_after: int, should_stop, checkpoint_due,
-                    on_checkpoint, progress=None, check_sync_every: int = 0, sample_log=None) -> EpochResult:
+                    on_checkpoint, progress=None, check_sync_every: int = 0, sample_log=None,
+                    carry: list[float] | None = None) -> EpochResult:
         """Run the loader to its end (or ``stop_after`` steps); ``state`` is advanced in place.
 
         ``should_stop()`` / ``checkpoint_due(step)`` are this rank's local views; the decision
-        is agreed across ranks after each optimizer step. ``on_checkpoint()`` saves one.
+        is agreed across ranks after each optimizer step. ``on_checkpoint(sums)`` saves one;
+        ``sums`` = [loss sum, top-1 hits, samples, skipped] of the epoch so far over all ranks,
+        which a run resumed from that checkpoint passes back as ``carry`` (on one rank only) so
+        the epoch's metrics cover the whole epoch. A stop agreed on the epoch's last step
+        checkpoints too: the resumed run then starts with ``state.step_in_epoch == stop_after``
+        and trains nothing more in this epoch.
         """
         model, device = self.model, self.dist.device
         model.train()
         res = EpochResult()
-        loss_sum, correct, seen = 0.0, 0, 0
+        loss_sum, correct, seen, carried_skips = 0.0, 0, 0, 0
+        if carry:
+            loss_sum, correct, seen, carried_skips = carry[0], int(carry[1]), int(carry[2]), int(carry[3])
+        seen_before = all_reduce_sum([seen], device)[0]
         t0 = time.perf_counter()
-        it = iter(loader)
+        it = None
         while state.step_in_epoch < stop_after:
+            if it is None:  # not before: a run resumed at the epoch's end starts no loader workers
+                it = iter(loader)
             t_wait = time.perf_counter()
             try:
                 batch = next(it)
@@ -146,16 +157,17 @@ class Engine:
             if progress is not None:
                 progress(state, loss_sum / max(1, seen), 100.0 * correct / max(1, seen), lr)
             stop, save = any_rank([should_stop(), checkpoint_due(state.step_in_epoch)], device)
-            if (stop or save) and state.step_in_epoch < stop_after:
-                on_checkpoint()
-                res.checkpoint_steps.append(state.step_in_epoch)
+            # A plain save due at the last step is left to the end-of-epoch checkpoint; a stop
+            # is saved here whatever the step (the end-of-epoch one will not happen).
+            if stop or (save and state.step_in_epoch < stop_after):
+                on_checkpoint(all_reduce_sum([loss_sum, correct, seen, res.skipped + carried_skips], device))
             if stop:
                 res.interrupted = True
                 break
         res.seconds = time.perf_counter() - t0
-        total = all_reduce_sum([loss_sum, correct, seen, res.skipped], device)
+        total = all_reduce_sum([loss_sum, correct, seen, res.skipped + carried_skips], device)
         res.loss, res.top1 = total[0] / max(1, total[2]), 100.0 * total[1] / max(1, total[2])
-        res.samples, res.skipped = int(total[2]), int(total[3])
+        res.samples, res.skipped = int(total[2] - seen_before), int(total[3])
         return res
 
     def evaluate(self, model: nn.Module, loader, expected: int) -> dict:

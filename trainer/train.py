@@ -29,7 +29,7 @@ from trainer import checkpoint as ck
 from trainer import plan as planlib
 from trainer.config import TrainConfig, parse_config
 from trainer.data import LoaderConfig, make_train_loader, make_val_loader
-from trainer.distributed import DistInfo, barrier, broadcast_buffers, broadcast_object, setup, teardown
+from trainer.distributed import DistInfo, broadcast_buffers, broadcast_object, setup, teardown
 from trainer.engine import Amp, Engine, StepState
 from trainer.metrics import RunFiles
 from trainer.model import build_model, load_pretrained, param_groups, unwrap
@@ -167,7 +167,7 @@ def _train(cfg, dinfo, manifest, store, run_files, logger, state, resumed_from, 
                 + (f"; resumed from {resumed_from} at epoch {start.epoch + 1} step {start.step_in_epoch}"
                    if state else ""))
 
-    def snapshot(s: StepState) -> dict:
+    def snapshot(s: StepState, epoch_sums: list[float] | None = None) -> dict:
         return {"format": ck.FORMAT, "version": 1, "arch": cfg.arch, "model": unwrap(wrapped).state_dict(),
                 "optimizer": optimizer.state_dict(), "scaler": amp.scaler.state_dict(),
                 "scheduler": {"global_step": s.global_step, "total_steps": total_steps, "warmup_steps": warmup_steps,
@@ -178,7 +178,7 @@ def _train(cfg, dinfo, manifest, store, run_files, logger, state, resumed_from, 
                         "cuda": torch.cuda.get_rng_state_all() if dinfo.device.type == "cuda" else []},
                 "config": cfg.to_dict(), "classes": [asdict(c) for c in manifest.classes],
                 "data": {"root": cfg.data, "fingerprint": manifest.build_args.get("fingerprint"), "num_train": n_train},
-                "best_top1": best}
+                "best_top1": best, "epoch_sums": epoch_sums}
 
     # One poller per node (each node gets its own spot notice); every rank handles SIGTERM.
     watcher = InterruptWatcher(poll_imds=None if dinfo.local_rank == 0 else False,
@@ -194,11 +194,14 @@ def _train(cfg, dinfo, manifest, store, run_files, logger, state, resumed_from, 
                 by_time = dinfo.is_main and time.monotonic() - last_save >= cfg.checkpoint_interval_minutes * 60
                 return bool(by_steps or by_time)
 
-            def save_mid_epoch() -> None:
+            def save_mid_epoch(epoch_sums: list[float]) -> None:
                 nonlocal last_save
                 if dinfo.is_main:
-                    store.save(snapshot(s), ck.checkpoint_name(s.epoch, s.step_in_epoch))
+                    store.save(snapshot(s, epoch_sums), ck.checkpoint_name(s.epoch, s.step_in_epoch))
                 last_save = time.monotonic()
+
+            # A run resumed mid-epoch carries the epoch's metric sums so far (on one rank).
+            carry = state.get("epoch_sums") if state and dinfo.is_main and s.step_in_epoch else None
 
             loader = make_train_loader(lcfg, epoch=s.epoch, start_batch=s.step_in_epoch * accum, rank=dinfo.rank,
                                        world_size=W, manifest=manifest)
@@ -207,20 +210,11 @@ def _train(cfg, dinfo, manifest, store, run_files, logger, state, resumed_from, 
                 res = engine.train_epoch(loader, s, stop_after=steps, should_stop=watcher.requested,
                                          checkpoint_due=checkpoint_due, on_checkpoint=save_mid_epoch,
                                          progress=bar.update if bar else None, check_sync_every=cfg.check_sync_every,
-                                         sample_log=sample_log)
+                                         sample_log=sample_log, carry=carry)
             if bar:
                 bar.close()
             if res.interrupted:
-                logger.warning(f"interrupted ({watcher.reason or 'another rank'}) at epoch {s.epoch + 1} step "
-                               f"{s.step_in_epoch}: checkpoint saved; waiting for its upload")
-                if dinfo.is_main:
-                    store.wait()
-                # No rank may exit before the upload is done: torchrun SIGTERMs the others (and
-                # SIGKILLs them 30 s later) as soon as one worker exits.
-                barrier()
-                logger.warning(f"checkpoint complete; exiting with {EXIT_INTERRUPTED}: rerun to resume")
-                report_exit(EXIT_INTERRUPTED, watcher.reason)  # torchrun turns our 75 into its 1
-                return EXIT_INTERRUPTED
+                return _exit_interrupted(s, store, dinfo, logger, watcher.reason)
             broadcast_buffers(unwrap(wrapped))
             val = engine.evaluate(unwrap(wrapped), make_val_loader(lcfg, rank=dinfo.rank, world_size=W,
                                                                    manifest=manifest),
@@ -248,6 +242,30 @@ def _train(cfg, dinfo, manifest, store, run_files, logger, state, resumed_from, 
         return EXIT_COMPLETED
     finally:
         watcher.stop()
+
+
+def _exit_interrupted(s: StepState, store: ck.CheckpointStore, dinfo: DistInfo, logger, reason) -> int:
+    """After a stop agreed at step ``s``: wait until rank 0's checkpoint of that step is complete
+    (on S3: uploaded and verified), then exit 75 on every rank; exit 1 if it could not be saved.
+
+    No rank may exit before: torchrun SIGTERMs the others (and SIGKILLs them 30 s later) as
+    soon as one worker exits. The log says "saved" only once it is.
+    """
+    url = store.url(ck.checkpoint_name(s.epoch, s.step_in_epoch))
+    logger.warning(f"interrupted ({reason or 'another rank'}) after epoch {s.epoch + 1} step {s.step_in_epoch}: "
+                   f"waiting for checkpoint {url}")
+    error = None
+    if dinfo.is_main:
+        try:
+            store.wait()
+        except Exception as exc:  # noqa: BLE001 - reported to every rank, then raised
+            error = f"{type(exc).__name__}: {exc}"
+    error = broadcast_object(error)  # also the barrier: every rank waits for rank 0's upload
+    if error:
+        raise RuntimeError(f"the interruption checkpoint {url} was not saved ({error})")
+    logger.warning(f"checkpoint {url} saved and verified; exiting with {EXIT_INTERRUPTED}: rerun to resume")
+    report_exit(EXIT_INTERRUPTED, reason)  # torchrun turns our 75 into its 1
+    return EXIT_INTERRUPTED
 
 
 def _sample_log(cfg: TrainConfig, local: Path, epoch: int, rank: int):
