@@ -122,8 +122,9 @@ class Engine:
             res.data_wait += time.perf_counter() - t_wait
             res.skipped += batch.num_skipped
             if sample_log is not None:
+                lr = lr_at(state.global_step, self.total_steps, self.warmup_steps, self.peak_lr)
                 sample_log.write(json.dumps({"epoch": state.epoch, "step": state.step_in_epoch, "micro": batch.micro,
-                                             "keys": batch.keys}) + "\n")
+                                             "lr": lr, "keys": batch.keys}) + "\n")
             last_micro = batch.micro == batch.num_micro - 1
             labels = batch.labels.to(device, non_blocking=True)
             sync = contextlib.nullcontext() if last_micro or not self.dist.distributed else model.no_sync()

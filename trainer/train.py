@@ -127,7 +127,12 @@ def _train(cfg, dinfo, manifest, store, run_files, logger, state, resumed_from, 
                         "pick a --batch-size that divides it")
     accum = global_batch // (B * W)
     n_train = manifest.split("train").num_samples
-    steps = planlib.steps_per_epoch(n_train, world_size=W, batch_size=B, accum=accum)
+    # The partial last global batch is dropped: steps, LR and samples per step do not depend
+    # on (world size, accum) for a given global batch (trainer/plan.py).
+    steps = planlib.steps_per_epoch(n_train, world_size=W, batch_size=B, accum=accum, drop_last=True)
+    if steps == 0:
+        raise UserError(f"the train split has {n_train} images, fewer than one global batch of {global_batch}: "
+                        "lower --batch-size / --global-batch")
     if cfg.limit_train_steps:
         steps = min(steps, cfg.limit_train_steps)
     total_steps = steps * cfg.epochs
@@ -158,7 +163,7 @@ def _train(cfg, dinfo, manifest, store, run_files, logger, state, resumed_from, 
                     color_jitter=cfg.color_jitter, channels_last=cfg.channels_last, seed=cfg.seed,
                     total_steps=total_steps, warmup_steps=warmup_steps, peak_lr=peak_lr)
     lcfg = LoaderConfig(cfg.data, batch_size=B, accum=accum, image_size=cfg.image_size, val_resize=cfg.val_resize,
-                        num_workers=cfg.workers, seed=cfg.seed, cache_dir=cfg.cache_dir,
+                        num_workers=cfg.workers, seed=cfg.seed, cache_dir=cfg.cache_dir, drop_last=True,
                         pin_memory=dinfo.device.type == "cuda", with_keys=cfg.sample_log)
     best = state.get("best_top1", 0.0) if state else 0.0
     logger.info(f"{cfg.arch} on {manifest.num_classes} classes, {n_train} train images; {W} process(es) on "
