@@ -210,12 +210,12 @@ def _train(cfg, dinfo, manifest, store, run_files, logger, state, resumed_from, 
 
             loader = make_train_loader(lcfg, epoch=s.epoch, start_batch=s.step_in_epoch * accum, rank=dinfo.rank,
                                        world_size=W, manifest=manifest)
-            bar = _progress_bar(dinfo, s, steps, global_batch)
+            report, bar = _progress(dinfo, logger, s, steps, global_batch)
             with _sample_log(cfg, store.local, s.epoch, dinfo.rank) as sample_log:
                 res = engine.train_epoch(loader, s, stop_after=steps, should_stop=watcher.requested,
                                          checkpoint_due=checkpoint_due, on_checkpoint=save_mid_epoch,
-                                         progress=bar.update if bar else None, check_sync_every=cfg.check_sync_every,
-                                         sample_log=sample_log, carry=carry)
+                                         progress=report, check_sync_every=cfg.check_sync_every,
+                                         sample_log=sample_log, log_every=cfg.log_every_steps, carry=carry)
             if bar:
                 bar.close()
             if res.interrupted:
@@ -230,7 +230,7 @@ def _train(cfg, dinfo, manifest, store, run_files, logger, state, resumed_from, 
                       "train_images_per_s_per_process": res.samples / max(res.seconds, 1e-9) / W,
                       "data_wait_fraction": res.data_wait / max(res.seconds, 1e-9),
                       "train_skipped": res.skipped, "seconds": res.seconds, "global_step": s.global_step,
-                      "sync_checks": res.sync_checks}
+                      "sync_checks": res.sync_checks, "host_reads": res.host_reads}
             logger.info(f"epoch {s.epoch}/{cfg.epochs}: train loss {res.loss:.4f} top-1 {res.top1:.2f}% | val loss "
                         f"{val['val_loss']:.4f} top-1 {val['val_top1']:.2f}% top-5 {val['val_top5']:.2f}% "
                         f"({val['val_count']} images) | {record['train_images_per_s']:.0f} img/s, data wait "
@@ -299,7 +299,7 @@ class _Bar:
         self.t0, self.n0, self.global_batch = time.perf_counter(), initial, global_batch
 
     def update(self, s: StepState, loss: float, top1: float, lr: float) -> None:
-        self.bar.update(1)
+        self.bar.update(s.step_in_epoch - self.bar.n)
         rate = (s.step_in_epoch - self.n0) * self.global_batch / max(1e-9, time.perf_counter() - self.t0)
         self.bar.set_postfix_str(f"loss {loss:.3f} acc {top1:.1f}% {rate:.0f} img/s lr {lr:.3g}")
 
@@ -307,11 +307,20 @@ class _Bar:
         self.bar.close()
 
 
-def _progress_bar(dinfo: DistInfo, s: StepState, steps: int, global_batch: int):
-    """tqdm on rank 0 when attached to a terminal (logs get the per-epoch summary instead)."""
-    if dinfo.is_main and sys.stderr.isatty():
-        return _Bar(steps, s.step_in_epoch, f"epoch {s.epoch + 1}", global_batch)
-    return None
+def _progress(dinfo: DistInfo, logger, s: StepState, steps: int, global_batch: int):
+    """(report, bar): rank 0's report every --log-every-steps steps (a log line, and a tqdm bar
+    when attached to a terminal); (None, None) on the other ranks, which then read nothing."""
+    if not dinfo.is_main:
+        return None, None
+    bar = _Bar(steps, s.step_in_epoch, f"epoch {s.epoch + 1}", global_batch) if sys.stderr.isatty() else None
+
+    def report(st: StepState, loss: float, top1: float, lr: float) -> None:
+        logger.info(f"epoch {st.epoch + 1} step {st.step_in_epoch}/{steps}: loss {loss:.4f} top-1 {top1:.2f}% "
+                    f"(rank 0, running) lr {lr:.4g}")
+        if bar:
+            bar.update(st, loss, top1, lr)
+
+    return report, bar
 
 
 def main(argv: list[str] | None = None) -> int:
