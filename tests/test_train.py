@@ -153,6 +153,7 @@ def test_val_resize_follows_image_size_and_evaluate_and_predict_reproduce_the_lo
     assert torch.load(ckpt, weights_only=True)["config"]["val_resize"] == 73
     assert torch.load(best, weights_only=True)["val_resize"] == 73
     logged = metrics(str(run))[-1]
+    assert logged["host_reads"] == 1 and logged["val_host_reads"] == 1  # 4 steps < --log-every-steps 50
     result = evaluate(str(ckpt), shards["local"])
     assert result["val_count"] == logged["val_count"] > 0
     assert result["val_top1"] == pytest.approx(logged["val_top1"])
