@@ -128,9 +128,9 @@ def data_order(staging: Path) -> tuple[bool, str]:
     manifest = mf.load(SHARDS)
     shards = manifest.split("train").shards
     keys = [k for s in shards for k in mf.load_index(manifest, s).keys]  # global sample id -> key
-    # The trainer's loader settings: what train_args passes, the library's defaults for the rest
-    # (the rule for a partial last global batch included), so a change of rule is followed here.
-    cfg = LoaderConfig(SHARDS, batch_size=BATCH, seed=SEED)
+    # The trainer's loader settings: what train_args passes, the trainer's rule for the partial
+    # last global batch (train drops it: steps per epoch do not depend on the world size).
+    cfg = LoaderConfig(SHARDS, batch_size=BATCH, seed=SEED, drop_last=True)
     for epoch in range(EPOCHS):
         plan = train_plan(cfg, manifest, rank=0, world_size=1, epoch=epoch)
         want = [(int(plan.steps[b]), int(plan.micros[b]), [keys[i] for i in plan.batch(b)]) for b in range(len(plan))]
@@ -168,7 +168,8 @@ def run(out: Path, server: LocalS3) -> dict:
     print("== 3/7 verify the shards in S3")
     sh(["-m", "shard_builder", "verify", SHARDS, "--deep", "--workers", "2"])
     manifest = mf.load(SHARDS)
-    plan = train_plan(LoaderConfig(SHARDS, batch_size=BATCH, seed=SEED), manifest, rank=0, world_size=1, epoch=0)
+    plan = train_plan(LoaderConfig(SHARDS, batch_size=BATCH, seed=SEED, drop_last=True), manifest,
+                      rank=0, world_size=1, epoch=0)
     steps = int(plan.steps.max()) + 1
     print(f"== 4/7 train from {SHARDS}, checkpoints to {RUN} ({EPOCHS} epochs of {steps} steps)")
     code, stopped = interrupted_run(staging, steps)

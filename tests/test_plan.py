@@ -123,6 +123,28 @@ def test_elastic_same_global_batch_gives_same_steps():
         assert np.array_equal(per_step[0][t], per_step[2][t])
 
 
+def test_dropping_the_partial_last_global_batch_makes_steps_independent_of_layout():
+    """1,441 samples, global batch 16 (the trainer's rule, drop_last=True): 2 ranks x accum 1 and
+    1 rank x accum 2 run the same 90 steps with the same 16 samples in every step."""
+    counts = [500, 441, 500]
+    layouts = [(2, 1), (1, 2)]
+    assert {plan.steps_per_epoch(1441, world_size=w, batch_size=8, accum=a, drop_last=True) for w, a in layouts} == {90}
+    per_layout = []
+    for world, accum in layouts:
+        plans = [plan.train_plan(counts, seed=4, epoch=1, rank=r, world_size=world, batch_size=8, accum=accum,
+                                 drop_last=True) for r in range(world)]
+        assert {len(p) for p in plans} == {plan.batches_per_rank(1441, world_size=world, batch_size=8, accum=accum,
+                                                                 drop_last=True)}
+        assert all(int(p.steps.max()) + 1 == 90 for p in plans)
+        per_layout.append([sorted(np.concatenate([p.batch(b) for p in plans for b in np.flatnonzero(p.steps == t)])
+                                  .tolist()) for t in range(90)])
+    assert all(len(step) == 16 for step in per_layout[0])
+    assert per_layout[0] == per_layout[1]
+    # Keeping the partial batch would not do: the step count then depends on the layout.
+    assert plan.steps_per_epoch(1441, world_size=2, batch_size=8) == 90
+    assert plan.steps_per_epoch(1441, world_size=1, batch_size=8, accum=2) == 91
+
+
 def test_micro_batches_are_shuffled_inside():
     """Within a micro-batch the chunk runs are broken up (samples of a chunk are not adjacent)."""
     p = plan.train_plan([4096], seed=0, epoch=0, rank=0, world_size=1, batch_size=64, chunk_size=16)

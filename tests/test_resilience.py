@@ -96,6 +96,20 @@ def data(tmp_path_factory, s3_server):
 
 
 @pytest.fixture(scope="module")
+def odd_data(tmp_path_factory, data):
+    """97 train images (93 + the demo tree's quirks): with a global batch of 8, 12 full steps and
+    1 image left over, which 2 ranks would drop but 1 rank x accum 2 would train."""
+    tree = write_demo_tree(tmp_path_factory.mktemp("oddtree") / "kaggle", classes=3, train_per_class=31,
+                           val_per_class=3, seed=5)
+    local = tmp_path_factory.mktemp("oddshards") / "s"
+    assert build_shards(str(tree.root), str(local), shard_max_count=25, workers=2).split("train").num_samples == 97
+    for path in local.rglob("*"):
+        if path.is_file() and "logs" not in path.parts:
+            storage.upload_file(path, f"s3://resilience/odd/{path.relative_to(local).as_posix()}")
+    return "s3://resilience/odd"
+
+
+@pytest.fixture(scope="module")
 def reference(data):
     """The uninterrupted 2-process run every interrupted run must reproduce bit for bit."""
     out = "s3://resilience/runs/reference"
@@ -135,6 +149,42 @@ def test_sigterm_to_torchrun_checkpoints_within_60s_and_resumes_at_that_step(dat
     err = finish(start("--data", data, "--output", out, *ARGS))
     assert f"at epoch {ckpt['epoch'] + 1} step {ckpt['step_in_epoch']}" in err
     assert_bitwise_equal(final_model(out), reference)
+
+
+def metrics(output: str) -> list[dict]:
+    return [json.loads(x) for x in storage.read_bytes(storage.join(output, "metrics.jsonl")).decode().splitlines()]
+
+
+def test_sigterm_on_the_last_step_of_an_epoch_saves_that_step_and_resumes_exactly(data, tmp_path):
+    """One step per epoch, so the stop is agreed on an epoch's last step: a checkpoint of that
+    step is verified in S3 before exit 75; the resumed run goes straight to that epoch's
+    evaluation (no step redone, each epoch's metrics recorded once) and ends bitwise equal."""
+    one = [*ARGS, "--limit-train-steps", "1", "--sample-log"]
+    ref = "s3://resilience/runs/last-step-reference"
+    finish(start("--data", data, "--output", ref, *one, "--local-dir", str(tmp_path / "ref")))
+    out, local1, local2, status = "s3://resilience/runs/last-step", tmp_path / "l1", tmp_path / "l2", tmp_path / "st"
+    proc = start("--data", data, "--output", out, *one, "--local-dir", str(local1),
+                 env=_env(IMAGENET_EXIT_STATUS_FILE=str(status)))
+    log = local1 / "samples" / "epoch001_rank0.jsonl"
+    wait_for(lambda: log.exists() and log.read_text().count("\n") >= 1, what="the first step")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert status.read_text().split()[0] == str(EXIT_INTERRUPTED), err[-3000:]
+    ckpt = latest(out)
+    assert ckpt["step_in_epoch"] == 1 and ckpt["name"] == f"checkpoint_epoch_{ckpt['epoch'] + 1:03d}_step_000001.pth"
+    url = storage.join(out, "checkpoints", ckpt["name"])
+    body = storage.read_bytes(url)
+    assert len(body) == ckpt["bytes"] and mf.sha256_bytes(body) == ckpt["sha256"]
+    assert err.index(f"checkpoint {url} saved and verified") > err.index("interrupted (")
+    err = finish(start("--data", data, "--output", out, *one, "--local-dir", str(local2)))
+    assert f"at epoch {ckpt['epoch'] + 1} step 1" in err
+    resumed = local2 / "samples" / f"epoch{ckpt['epoch'] + 1:03d}_rank0.jsonl"
+    assert not resumed.exists() or not resumed.read_text().strip(), "the resumed run redid the saved step"
+    got, want = metrics(out), metrics(ref)
+    assert [r["epoch"] for r in got] == [1, 2]
+    for g, w in zip(got, want):  # the interrupted epoch's train metrics cover the whole epoch
+        assert g["val_top1"] == w["val_top1"] and g["train_loss"] == pytest.approx(w["train_loss"], rel=1e-9)
+    assert_bitwise_equal(final_model(out), final_model(ref))
 
 
 def test_imds_spot_notice_behaves_like_sigterm(data, tmp_path):
@@ -205,3 +255,43 @@ def test_elastic_resume_on_fewer_processes_keeps_global_batch_and_sees_each_samp
     shard, index = plan.locate(counts_per_shard, ids)
     keys = {sh: mf.load_index(m, m.split("train").shards[sh]).keys for sh in set(shard.tolist())}
     assert set(counts) == {keys[a][b] for a, b in zip(shard.tolist(), index.tolist())}
+
+
+def _records(local: Path, epoch: int = 1, ranks=(0, 1)) -> list[dict]:
+    return [json.loads(x) for r in ranks if (local / "samples" / f"epoch{epoch:03d}_rank{r}.jsonl").exists()
+            for x in (local / "samples" / f"epoch{epoch:03d}_rank{r}.jsonl").read_text().splitlines()]
+
+
+def test_elastic_resume_on_an_odd_split_keeps_steps_lr_and_samples_of_each_step(odd_data, tmp_path):
+    """97 images, global batch 8: 2 ranks x accum 1 run 12 steps (the partial last global batch
+    is dropped); a resume on 1 process (accum 2) mid-epoch runs the same 10, sets the same LR
+    at every step and trains the same samples in every step, each sample exactly once."""
+    args = [*ARGS, "--batch-size", "4", "--epochs", "1", "--limit-train-steps", "0", "--sample-log"]
+    ref, out, local1, local2 = tmp_path / "ref", "s3://resilience/runs/odd", tmp_path / "l1", tmp_path / "l2"
+    err = finish(start("--data", odd_data, "--output", str(ref), *args))
+    assert "batch 4 x 2 x accum 1 = 8" in err and "12 steps/epoch" in err
+    proc = start("--data", odd_data, "--output", out, *args, "--local-dir", str(local1))
+    log = local1 / "samples" / "epoch001_rank0.jsonl"
+    wait_for(lambda: log.exists() and log.read_text().count("\n") >= 2, what="training to start")
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    err = finish(start("--data", odd_data, "--output", out, *args, "--local-dir", str(local2), nproc=1))
+    assert "batch 4 x 1 x accum 2 = 8" in err and "12 steps/epoch" in err
+    stop = int(re.search(r"at epoch 1 step (\d+)", err).group(1))
+    assert 0 < stop < 12
+    want = _records(ref)
+    got = [r for r in _records(local1) if r["step"] < stop] + _records(local2, ranks=(0,))
+    keys = [k for r in got for k in r["keys"]]
+    assert len(keys) == len(set(keys)) == 96, "a sample was repeated or missed after the elastic resume"
+
+    def per_step(records):
+        steps: dict[int, set] = {}
+        lrs: dict[int, set] = {}
+        for r in records:
+            steps.setdefault(r["step"], set()).update(r["keys"])
+            lrs.setdefault(r["step"], set()).add(r["lr"])
+        return steps, lrs
+
+    (want_keys, want_lr), (got_keys, got_lr) = per_step(want), per_step(got)
+    assert sorted(got_keys) == list(range(12)) and got_keys == want_keys
+    assert got_lr == want_lr and all(len(v) == 1 for v in got_lr.values())

@@ -135,6 +135,44 @@ def test_resume_from_epoch_checkpoint_continues_schedule_exactly(shards, tmp_pat
     assert ma["lr"] == mb["lr"] and ma["val_top1"] == mb["val_top1"] and ma["epoch"] == mb["epoch"] == 2
 
 
+def test_val_resize_follows_image_size_and_evaluate_and_predict_reproduce_the_logged_metrics(shards, tmp_path):
+    """--image-size 64 without --val-resize validates on a 73 px resize (64 / 0.875): recorded in
+    config.json, the checkpoint and model_best.pth; evaluate and predict use it and reproduce
+    the run's val metrics (predict on the very bytes the val split holds)."""
+    import numpy as np
+
+    from trainer.reader import ShardStore
+
+    run = tmp_path / "r64"
+    args = [a for a in SMALL if a not in ("--image-size", "32", "--val-resize", "36")]
+    proc = run_cli("trainer", "--data", shards["local"], "--output", str(run), *args, "--image-size", "64",
+                   "--epochs", "1", "--limit-train-steps", "4")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ckpt, best = run / "checkpoints" / "checkpoint_epoch_001.pth", run / "model_best.pth"
+    assert json.loads((run / "config.json").read_text())["val_resize"] == 73
+    assert torch.load(ckpt, weights_only=True)["config"]["val_resize"] == 73
+    assert torch.load(best, weights_only=True)["val_resize"] == 73
+    logged = metrics(str(run))[-1]
+    assert logged["host_reads"] == 1 and logged["val_host_reads"] == 1  # 4 steps < --log-every-steps 50
+    result = evaluate(str(ckpt), shards["local"])
+    assert result["val_count"] == logged["val_count"] > 0
+    assert result["val_top1"] == pytest.approx(logged["val_top1"])
+    assert result["val_loss"] == pytest.approx(logged["val_loss"], rel=1e-4)
+    m: mf.Manifest = shards["manifest"]
+    store = ShardStore(m, "val")
+    images, wnids = [], []
+    for s, shard in enumerate(m.split("val").shards):
+        idx = np.arange(shard.num_samples)
+        for i, jpeg in zip(idx.tolist(), store.read_jpegs(np.full(len(idx), s), idx)):
+            images.append(tmp_path / f"val{s}_{i}.jpg")
+            images[-1].write_bytes(jpeg)
+            wnids.append(m.classes[int(store.index(s).labels[i])].wnid)
+    rows = predict(str(best), [str(p) for p in images])
+    top1 = 100.0 * sum(r[0][0] == w for r, w in zip(rows, wnids)) / len(rows)
+    top5 = 100.0 * sum(w in {x[0] for x in r} for r, w in zip(rows, wnids)) / len(rows)
+    assert (top1, top5) == (pytest.approx(logged["val_top1"]), pytest.approx(logged["val_top5"]))
+
+
 _SAVE_LOOP = """
 import sys, torch
 from common import storage

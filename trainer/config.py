@@ -34,7 +34,7 @@ class TrainConfig:
     label_smoothing: float = 0.1
     warmup_epochs: float = 5.0
     image_size: int = 224
-    val_resize: int = 256
+    val_resize: int | None = None      # default: round(image_size / 0.875), 256 for 224 (resolved on creation)
     color_jitter: float = 0.0          # the original script used 0.4 (brightness/contrast/saturation)
     workers: int = 8                   # DataLoader workers per process
     cache_dir: str | None = None
@@ -54,12 +54,16 @@ class TrainConfig:
     keep_last: int = 5
     local_dir: str | None = None       # staging for an s3:// output (default: a temp folder)
     limit_train_steps: int = 0         # stop each epoch after N steps (smoke tests, benchmarks)
-    log_interval: int = 10
+    log_every_steps: int = 50          # read the running loss/top-1 from the device and log them every N steps
     check_sync_every: int = 0          # compare a weight checksum across ranks every N steps (0 = off)
     sample_log: bool = False           # write the keys of every step's samples (audit, elastic tests)
     imds_poll_seconds: float = 5.0
     hang_timeout_minutes: float = 15.0      # no step / eval batch for this long: stacks to the log, exit 76
     hang_first_step_minutes: float = 30.0   # the first step (and first evaluation) after a start or resume
+
+    def __post_init__(self) -> None:
+        if self.val_resize is None:  # the value used is what config.json and the checkpoints record
+            object.__setattr__(self, "val_resize", default_val_resize(self.image_size))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -71,8 +75,13 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "image_size", "val_resize"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.val_resize < self.image_size:
+            raise UserError(f"--val-resize {self.val_resize} is smaller than --image-size {self.image_size}: the "
+                            "val images are resized to --val-resize, then center-cropped to --image-size")
         if self.global_batch is not None and self.global_batch < 1:
             raise UserError(f"--global-batch must be positive, got {self.global_batch}")
+        if self.log_every_steps < 0:
+            raise UserError(f"--log-every-steps must be >= 0, got {self.log_every_steps}")
         if self.workers < 0:
             raise UserError(f"--workers must be >= 0, got {self.workers}")
         if self.amp not in ("auto", "bf16", "fp16", "off"):
@@ -85,6 +94,11 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0 (0 turns the hang watchdog off), "
                                 f"got {getattr(self, name)}")
+
+
+def default_val_resize(image_size: int) -> int:
+    """The eval resize before the center crop: the 224/256 ratio of the reference recipe."""
+    return round(image_size / 0.875)
 
 
 def _bool_flag(p: argparse.ArgumentParser, name: str, default: bool, help: str) -> None:
@@ -112,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-smoothing", dest="label_smoothing", type=float, default=d["label_smoothing"])
     p.add_argument("--warmup-epochs", dest="warmup_epochs", type=float, default=d["warmup_epochs"])
     p.add_argument("--image-size", dest="image_size", type=int, default=d["image_size"])
-    p.add_argument("--val-resize", dest="val_resize", type=int, default=d["val_resize"])
+    p.add_argument("--val-resize", dest="val_resize", type=int, default=None,
+                   help="val: shorter side resized to this, then center crop --image-size "
+                        "(default: round(image size / 0.875), 256 for 224)")
     p.add_argument("--color-jitter", dest="color_jitter", type=float, default=d["color_jitter"])
     p.add_argument("--workers", "-j", dest="workers", type=int, default=d["workers"])
     p.add_argument("--cache-dir", dest="cache_dir", default=None, help="local shard cache (write-through)")
@@ -138,7 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-last", dest="keep_last", type=int, default=d["keep_last"])
     p.add_argument("--local-dir", dest="local_dir", default=None, help="local staging folder for an s3:// output")
     p.add_argument("--limit-train-steps", dest="limit_train_steps", type=int, default=0)
-    p.add_argument("--log-interval", dest="log_interval", type=int, default=d["log_interval"])
+    p.add_argument("--log-every-steps", "--log-interval", dest="log_every_steps", type=int,
+                   default=d["log_every_steps"],
+                   help="log rank 0's running loss/top-1 every N optimizer steps (0: only per epoch); each "
+                        "log reads from the device, so not every step")
     p.add_argument("--check-sync-every", dest="check_sync_every", type=int, default=0,
                    help="every N steps, fail if the ranks' weights differ (a DDP consistency check)")
     p.add_argument("--sample-log", dest="sample_log", action="store_true",

@@ -1,5 +1,9 @@
 """Loading a trained model for inference: from model_best.pth or a training checkpoint,
-local or s3://, always with torch.load(weights_only=True)."""
+local or s3://, always with torch.load(weights_only=True).
+
+    lm = load_for_inference("s3://bucket/runs/r50/model_best.pth", torch.device("cpu"))
+    lm.image_size, lm.val_resize   # the eval preset the run validated with (config.json has them too)
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,6 +13,7 @@ import torch
 from common.errors import UserError
 from common.manifest import ClassInfo
 from trainer.checkpoint import fetch_any
+from trainer.config import default_val_resize
 from trainer.model import build_model
 from trainer.presets import IMAGENET_MEAN, IMAGENET_STD
 
@@ -40,6 +45,7 @@ def load_for_inference(ckpt: str, device: torch.device) -> LoadedModel:
     model.load_state_dict(state["model"])
     model.to(device).eval()
     norm = state.get("normalization", {"mean": IMAGENET_MEAN, "std": IMAGENET_STD})
-    return LoadedModel(model, state["arch"], classes, int(state.get("image_size", cfg.get("image_size", 224))),
-                       int(state.get("val_resize", cfg.get("val_resize", 256))), tuple(norm["mean"]),
+    image_size = int(state.get("image_size", cfg.get("image_size", 224)))
+    val_resize = state.get("val_resize", cfg.get("val_resize")) or default_val_resize(image_size)
+    return LoadedModel(model, state["arch"], classes, image_size, int(val_resize), tuple(norm["mean"]),
                        tuple(norm["std"]), cfg)

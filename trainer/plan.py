@@ -16,13 +16,22 @@ Train order (see :func:`global_order`): shards in a seeded order, each cut into 
 random offset and shuffled within windows of about ``shuffle_window`` samples. The global
 order does not depend on world size. Global step ``t`` covers ``G[t*GB:(t+1)*GB]`` with
 ``GB = world_size * batch_size * accum``; rank ``r`` takes the ``r``-th contiguous slice of it,
-cut into ``accum`` micro-batches. A last, partial global batch of ``L`` samples gives every rank
-``L // world_size`` samples (fewer than ``world_size`` samples dropped in all), so all ranks
-run the same number of micro-batches and more than 99% of the split is seen every epoch.
-Because steps are defined on the global order, a run with the same global batch on a different
-``world_size``/``accum`` sees the same samples in the same steps (elastic resume). Inside each
-micro-batch the samples are reordered by a random key per position of the global order (from
-seed and epoch), which breaks up chunks and is likewise independent of world size.
+cut into ``accum`` micro-batches. Because steps are defined on the global order, a run with the
+same global batch on a different ``world_size``/``accum`` sees the same samples in the same
+steps (elastic resume). Inside each micro-batch the samples are reordered by a random key per
+position of the global order (from seed and epoch), which breaks up chunks and is likewise
+independent of world size.
+
+The partial last global batch (``N % GB`` samples): **training drops it** (``drop_last=True``,
+what the trainer passes). Then an epoch is ``N // GB`` steps, each of exactly ``GB`` samples,
+and the number of steps, the LR at every step and the samples of every step are the same for
+any (world size, accumulation) with that global batch. Fewer than ``GB`` samples sit out each
+epoch, and since the rotation moves the stream's start every epoch, which ones changes from
+epoch to epoch. ``drop_last=False`` instead gives every rank ``L // world_size`` of the ``L``
+left-over samples in one more, smaller step (fewer than ``world_size`` dropped): the step
+count then depends on the layout (1,441 samples, GB 16: 90 steps on 2 ranks, 91 on 1 rank x
+accum 2), so it is not for runs that may resume on a different number of processes.
+Validation (:func:`val_plan`) always covers every sample exactly once.
 """
 from __future__ import annotations
 

@@ -22,22 +22,34 @@ def predict(ckpt: str, images: list[str], device: str = "cpu", top: int = 5) -> 
     """For each image: [(wnid, name, probability)] best first."""
     dev = torch.device(device)
     lm = load_for_inference(ckpt, dev)
-    preset = EvalPreset(lm.image_size, lm.val_resize, decoder="pil")  # PIL: any format a user may pass
+    # JPEGs go through the decoder the training run validated with (same pixels as evaluate);
+    # PIL takes any other format a user may pass.
+    presets = [EvalPreset(lm.image_size, lm.val_resize), EvalPreset(lm.image_size, lm.val_resize, decoder="pil")]
     normalize = DeviceNormalize(lm.mean, lm.std)
+    memory_format = torch.channels_last if lm.config.get("channels_last", True) else torch.contiguous_format
     out = []
     for image in images:
         p = Path(image)
         if not p.is_file():
             raise UserError(f"image {image} does not exist")
-        try:
-            x = preset(p.read_bytes())[None]  # uint8 [1,3,H,W]
-        except Exception as exc:  # noqa: BLE001
-            raise UserError(f"cannot decode {image} ({type(exc).__name__}): is it an image?") from None
+        x = _decode(presets, p.read_bytes(), image)  # uint8 [1,3,H,W]
         with torch.no_grad():
-            probs = torch.softmax(lm.model(normalize(x.to(dev))).float(), dim=1)[0]
+            probs = torch.softmax(lm.model(normalize(x.to(dev)).contiguous(memory_format=memory_format)).float(),
+                                  dim=1)[0]
         values, idx = probs.topk(min(top, len(lm.classes)))
         out.append([(lm.classes[i].wnid, lm.classes[i].name, float(v)) for v, i in zip(values, idx.tolist())])
     return out
+
+
+def _decode(presets: list[EvalPreset], data: bytes, name: str) -> torch.Tensor:
+    """The first preset that decodes ``data``; a UserError when none does."""
+    error: Exception | None = None
+    for preset in presets:
+        try:
+            return preset(data)[None]
+        except Exception as exc:  # noqa: BLE001 - decoders raise many types for bad data
+            error = exc
+    raise UserError(f"cannot decode {name} ({type(error).__name__}): is it an image?")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,7 +31,7 @@ from trainer import checkpoint as ck
 from trainer import plan as planlib
 from trainer.config import TrainConfig, parse_config
 from trainer.data import LoaderConfig, make_train_loader, make_val_loader
-from trainer.distributed import DistInfo, barrier, broadcast_buffers, broadcast_object, setup, teardown
+from trainer.distributed import DistInfo, broadcast_buffers, broadcast_object, setup, teardown
 from trainer.engine import Amp, Engine, StepState
 from trainer.metrics import RunFiles
 from trainer.model import build_model, load_pretrained, param_groups, unwrap
@@ -131,7 +131,12 @@ def _train(cfg, dinfo, manifest, store, run_files, logger, state, resumed_from, 
                         "pick a --batch-size that divides it")
     accum = global_batch // (B * W)
     n_train = manifest.split("train").num_samples
-    steps = planlib.steps_per_epoch(n_train, world_size=W, batch_size=B, accum=accum)
+    # The partial last global batch is dropped: steps, LR and samples per step do not depend
+    # on (world size, accum) for a given global batch (trainer/plan.py).
+    steps = planlib.steps_per_epoch(n_train, world_size=W, batch_size=B, accum=accum, drop_last=True)
+    if steps == 0:
+        raise UserError(f"the train split has {n_train} images, fewer than one global batch of {global_batch}: "
+                        "lower --batch-size / --global-batch")
     if cfg.limit_train_steps:
         steps = min(steps, cfg.limit_train_steps)
     total_steps = steps * cfg.epochs
@@ -162,7 +167,7 @@ def _train(cfg, dinfo, manifest, store, run_files, logger, state, resumed_from, 
                     color_jitter=cfg.color_jitter, channels_last=cfg.channels_last, seed=cfg.seed,
                     total_steps=total_steps, warmup_steps=warmup_steps, peak_lr=peak_lr)
     lcfg = LoaderConfig(cfg.data, batch_size=B, accum=accum, image_size=cfg.image_size, val_resize=cfg.val_resize,
-                        num_workers=cfg.workers, seed=cfg.seed, cache_dir=cfg.cache_dir,
+                        num_workers=cfg.workers, seed=cfg.seed, cache_dir=cfg.cache_dir, drop_last=True,
                         pin_memory=dinfo.device.type == "cuda", with_keys=cfg.sample_log,
                         decode=cfg.decode, decode_device=str(dinfo.device))
     best = state.get("best_top1", 0.0) if state else 0.0
@@ -172,7 +177,7 @@ def _train(cfg, dinfo, manifest, store, run_files, logger, state, resumed_from, 
                 + (f"; resumed from {resumed_from} at epoch {start.epoch + 1} step {start.step_in_epoch}"
                    if state else ""))
 
-    def snapshot(s: StepState) -> dict:
+    def snapshot(s: StepState, epoch_sums: list[float] | None = None) -> dict:
         return {"format": ck.FORMAT, "version": 1, "arch": cfg.arch, "model": unwrap(wrapped).state_dict(),
                 "optimizer": optimizer.state_dict(), "scaler": amp.scaler.state_dict(),
                 "scheduler": {"global_step": s.global_step, "total_steps": total_steps, "warmup_steps": warmup_steps,
@@ -183,7 +188,7 @@ def _train(cfg, dinfo, manifest, store, run_files, logger, state, resumed_from, 
                         "cuda": torch.cuda.get_rng_state_all() if dinfo.device.type == "cuda" else []},
                 "config": cfg.to_dict(), "classes": [asdict(c) for c in manifest.classes],
                 "data": {"root": cfg.data, "fingerprint": manifest.build_args.get("fingerprint"), "num_train": n_train},
-                "best_top1": best}
+                "best_top1": best, "epoch_sums": epoch_sums}
 
     # One poller per node (each node gets its own spot notice); every rank handles SIGTERM.
     watcher = InterruptWatcher(poll_imds=None if dinfo.local_rank == 0 else False,
@@ -204,33 +209,27 @@ def _train(cfg, dinfo, manifest, store, run_files, logger, state, resumed_from, 
                 by_time = dinfo.is_main and time.monotonic() - last_save >= cfg.checkpoint_interval_minutes * 60
                 return bool(by_steps or by_time)
 
-            def save_mid_epoch() -> None:
+            def save_mid_epoch(epoch_sums: list[float]) -> None:
                 nonlocal last_save
                 if dinfo.is_main:
-                    store.save(snapshot(s), ck.checkpoint_name(s.epoch, s.step_in_epoch))
+                    store.save(snapshot(s, epoch_sums), ck.checkpoint_name(s.epoch, s.step_in_epoch))
                 last_save = time.monotonic()
+
+            # A run resumed mid-epoch carries the epoch's metric sums so far (on one rank).
+            carry = state.get("epoch_sums") if state and dinfo.is_main and s.step_in_epoch else None
 
             loader = make_train_loader(lcfg, epoch=s.epoch, start_batch=s.step_in_epoch * accum, rank=dinfo.rank,
                                        world_size=W, manifest=manifest)
-            bar = _progress_bar(dinfo, s, steps, global_batch)
+            report, bar = _progress(dinfo, logger, s, steps, global_batch)
             with _sample_log(cfg, store.local, s.epoch, dinfo.rank) as sample_log:
                 res = engine.train_epoch(loader, s, stop_after=steps, should_stop=watcher.requested,
                                          checkpoint_due=checkpoint_due, on_checkpoint=save_mid_epoch,
-                                         progress=bar.update if bar else None, check_sync_every=cfg.check_sync_every,
-                                         sample_log=sample_log)
+                                         progress=report, check_sync_every=cfg.check_sync_every,
+                                         sample_log=sample_log, log_every=cfg.log_every_steps, carry=carry)
             if bar:
                 bar.close()
             if res.interrupted:
-                logger.warning(f"interrupted ({watcher.reason or 'another rank'}) at epoch {s.epoch + 1} step "
-                               f"{s.step_in_epoch}: checkpoint saved; waiting for its upload")
-                if dinfo.is_main:
-                    store.wait()
-                # No rank may exit before the upload is done: torchrun SIGTERMs the others (and
-                # SIGKILLs them 30 s later) as soon as one worker exits.
-                barrier()
-                logger.warning(f"checkpoint complete; exiting with {EXIT_INTERRUPTED}: rerun to resume")
-                report_exit(EXIT_INTERRUPTED, watcher.reason)  # torchrun turns our 75 into its 1
-                return EXIT_INTERRUPTED
+                return _exit_interrupted(s, store, dinfo, logger, watcher.reason)
             broadcast_buffers(unwrap(wrapped))
             if first_eval:  # its first batch may start workers and warm caches: the long allowance
                 dog.expect_slow("first evaluation batch")
@@ -244,7 +243,7 @@ def _train(cfg, dinfo, manifest, store, run_files, logger, state, resumed_from, 
                       "train_images_per_s_per_process": res.samples / max(res.seconds, 1e-9) / W,
                       "data_wait_fraction": res.data_wait / max(res.seconds, 1e-9),
                       "train_skipped": res.skipped, "seconds": res.seconds, "global_step": s.global_step,
-                      "sync_checks": res.sync_checks}
+                      "sync_checks": res.sync_checks, "host_reads": res.host_reads}
             logger.info(f"epoch {s.epoch}/{cfg.epochs}: train loss {res.loss:.4f} top-1 {res.top1:.2f}% | val loss "
                         f"{val['val_loss']:.4f} top-1 {val['val_top1']:.2f}% top-5 {val['val_top5']:.2f}% "
                         f"({val['val_count']} images) | {record['train_images_per_s']:.0f} img/s, data wait "
@@ -269,6 +268,30 @@ def _log_uploader(cfg: TrainConfig, log_path: Path | None):
     if log_path is None or not storage.is_s3(cfg.output):
         return None
     return lambda: storage.upload_file(log_path, storage.join(cfg.output, log_path.name))
+
+
+def _exit_interrupted(s: StepState, store: ck.CheckpointStore, dinfo: DistInfo, logger, reason) -> int:
+    """After a stop agreed at step ``s``: wait until rank 0's checkpoint of that step is complete
+    (on S3: uploaded and verified), then exit 75 on every rank; exit 1 if it could not be saved.
+
+    No rank may exit before: torchrun SIGTERMs the others (and SIGKILLs them 30 s later) as
+    soon as one worker exits. The log says "saved" only once it is.
+    """
+    url = store.url(ck.checkpoint_name(s.epoch, s.step_in_epoch))
+    logger.warning(f"interrupted ({reason or 'another rank'}) after epoch {s.epoch + 1} step {s.step_in_epoch}: "
+                   f"waiting for checkpoint {url}")
+    error = None
+    if dinfo.is_main:
+        try:
+            store.wait()
+        except Exception as exc:  # noqa: BLE001 - reported to every rank, then raised
+            error = f"{type(exc).__name__}: {exc}"
+    error = broadcast_object(error)  # also the barrier: every rank waits for rank 0's upload
+    if error:
+        raise RuntimeError(f"the interruption checkpoint {url} was not saved ({error})")
+    logger.warning(f"checkpoint {url} saved and verified; exiting with {EXIT_INTERRUPTED}: rerun to resume")
+    report_exit(EXIT_INTERRUPTED, reason)  # torchrun turns our 75 into its 1
+    return EXIT_INTERRUPTED
 
 
 def _sample_log(cfg: TrainConfig, local: Path, epoch: int, rank: int):
@@ -297,7 +320,7 @@ class _Bar:
         self.t0, self.n0, self.global_batch = time.perf_counter(), initial, global_batch
 
     def update(self, s: StepState, loss: float, top1: float, lr: float) -> None:
-        self.bar.update(1)
+        self.bar.update(s.step_in_epoch - self.bar.n)
         rate = (s.step_in_epoch - self.n0) * self.global_batch / max(1e-9, time.perf_counter() - self.t0)
         self.bar.set_postfix_str(f"loss {loss:.3f} acc {top1:.1f}% {rate:.0f} img/s lr {lr:.3g}")
 
@@ -305,11 +328,20 @@ class _Bar:
         self.bar.close()
 
 
-def _progress_bar(dinfo: DistInfo, s: StepState, steps: int, global_batch: int):
-    """tqdm on rank 0 when attached to a terminal (logs get the per-epoch summary instead)."""
-    if dinfo.is_main and sys.stderr.isatty():
-        return _Bar(steps, s.step_in_epoch, f"epoch {s.epoch + 1}", global_batch)
-    return None
+def _progress(dinfo: DistInfo, logger, s: StepState, steps: int, global_batch: int):
+    """(report, bar): rank 0's report every --log-every-steps steps (a log line, and a tqdm bar
+    when attached to a terminal); (None, None) on the other ranks, which then read nothing."""
+    if not dinfo.is_main:
+        return None, None
+    bar = _Bar(steps, s.step_in_epoch, f"epoch {s.epoch + 1}", global_batch) if sys.stderr.isatty() else None
+
+    def report(st: StepState, loss: float, top1: float, lr: float) -> None:
+        logger.info(f"epoch {st.epoch + 1} step {st.step_in_epoch}/{steps}: loss {loss:.4f} top-1 {top1:.2f}% "
+                    f"(rank 0, running) lr {lr:.4g}")
+        if bar:
+            bar.update(st, loss, top1, lr)
+
+    return report, bar
 
 
 def main(argv: list[str] | None = None) -> int:
