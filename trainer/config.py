@@ -57,6 +57,7 @@ class TrainConfig:
     check_sync_every: int = 0          # compare a weight checksum across ranks every N steps (0 = off)
     sample_log: bool = False           # write the keys of every step's samples (audit, elastic tests)
     imds_poll_seconds: float = 5.0
+    lease_seconds: float = 300.0       # single-writer lease on --output: taken over when not renewed this long
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -76,6 +77,8 @@ class TrainConfig:
             raise UserError(f"--amp must be auto, bf16, fp16 or off, got {self.amp}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise UserError(f"--device must be auto, cpu or cuda, got {self.device}")
+        if self.lease_seconds <= 0:
+            raise UserError(f"--lease-seconds must be positive, got {self.lease_seconds:g}")
         if self.lr <= 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
 
@@ -134,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-log", dest="sample_log", action="store_true",
                    help="write each step's sample keys to LOCAL_DIR/samples/epochNNN_rankR.jsonl")
     p.add_argument("--imds-poll-seconds", dest="imds_poll_seconds", type=float, default=d["imds_poll_seconds"])
+    p.add_argument("--lease-seconds", dest="lease_seconds", type=float, default=d["lease_seconds"],
+                   help="one trainer per --output: another may take over a lease not renewed this long (renewed "
+                        "every third of it)")
     return p
 
 
