@@ -18,6 +18,7 @@
 #       itself was asked to stop, exit 75 at once; otherwise wait INTERRUPTED_WAIT_S for
 #       the instance to go away, and longer while IMDS still posts the notice (checked
 #       every NOTICE_RECHECK_S); if the instance survives (false alarm), resume.
+#   77  another trainer took over $OUTPUT (its lease; common/lease.py): exit 77, no retry.
 #   *   failure: retry with exponential backoff; after MAX_FAILURES consecutive failures
 #       exit with the last code. A run longer than PROGRESS_S resets the count.
 #
@@ -52,6 +53,7 @@ if [[ -n "$env_file" ]]; then
 fi
 
 EXIT_INTERRUPTED=75
+EXIT_LEASE_LOST=77
 PYTHON="${PYTHON:-python3}"
 STATE_DIR="${STATE_DIR:-/var/lib/imagenet-spot}"
 NNODES="${NNODES:-1}"
@@ -214,6 +216,10 @@ while [[ -z "$stop_requested" ]]; do
         [[ -z "$stop_requested" ]] || exit "$EXIT_INTERRUPTED"
         log "instance still running (false alarm or rebalance only): resuming"
         continue
+    fi
+    if [[ "$code" -eq "$EXIT_LEASE_LOST" ]]; then
+        log "another trainer took over $run_id (its lease): this one stopped writing; not retrying"
+        exit "$EXIT_LEASE_LOST"
     fi
     if [[ -n "$stop_requested" ]]; then
         log "stopped as asked while training failed (exit $code)"
