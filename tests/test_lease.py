@@ -200,3 +200,34 @@ def test_unwritable_local_folder_is_a_one_line_user_error(tmp_path):
         assert "is not writable" in str(err.value) and type(err.value).__name__ == "UserError"
     finally:
         ro.chmod(0o700)
+
+
+# --------------------------------------------------------------------------- the fenced pointer
+def test_a_writer_that_missed_the_takeover_cannot_move_latest(s3_bucket, tmp_path, monkeypatch):
+    """Writer A passed its lease check just before B took over (a paused VM): A's pointer
+    update is conditional on A's last ETag, which B's fence changed, so it fails. (A local
+    folder cannot get there: the kernel lock keeps B out while A lives.)"""
+    from trainer.checkpoint import LATEST, CheckpointStore
+
+    root = s3_bucket + "/runs/fenced"
+    url = storage.join(root, "checkpoints", LATEST)
+    monkeypatch.setenv(HOST_ENV, "host-a")
+    a = CheckpointStore(root, str(tmp_path / "a"), lease=Lease(root, 300).acquire())
+    a.fence()
+    meta = {"name": "checkpoint_epoch_001.pth", "bytes": 1, "sha256": "0", "epoch": 1, "step_in_epoch": 0,
+            "global_step": 6, "writer": a.lease.token}
+    a._move_pointer(meta)
+    a._move_pointer({**meta, "global_step": 7})  # its own ETag: moves
+    storage.write_bytes(storage.join(root, LEASE_NAME), b'{"host": "host-b", "token": "b", "released": true}')
+    monkeypatch.setenv(HOST_ENV, "host-b")
+    b = CheckpointStore(root, str(tmp_path / "b"), lease=Lease(root, 300).acquire())  # takes the released lease
+    b.fence()
+    fenced = storage.read_bytes(url)
+    assert json.loads(fenced)["writer"] == b.lease.token and json.loads(fenced)["global_step"] == 7
+    with pytest.raises(LeaseLost):
+        a._move_pointer({**meta, "global_step": 8})
+    assert storage.read_bytes(url) == fenced  # never moved by A
+    assert not a.may_write()  # and A writes nothing more
+    b.close()
+    b.lease.release()
+    a.close()

@@ -133,12 +133,16 @@ class CheckpointStore:
             return
         except storage.PreconditionFailed:
             self.lease.renew()  # LeaseLost here: we are the stale writer, the pointer stays
-        try:  # we hold the lease: a stale writer moved it; take it back once
+        try:  # we hold the lease: our own write retried after a drop, or a stale writer moved it
             seen = storage.get_versioned(url)
-            log.warning(f"{url} was moved by a writer without the lease: pointing it back at this run")
-            self._pointer_etag = storage.put_versioned(url, data, if_match=seen.etag)
         except FileNotFoundError:
             self._pointer_etag = storage.put_versioned(url, data, if_none_match=True)
+            return
+        if seen.data != data:
+            log.warning(f"{url} was moved by a writer without the lease: pointing it back at this run")
+            self._pointer_etag = storage.put_versioned(url, data, if_match=seen.etag)
+        else:
+            self._pointer_etag = seen.etag
 
     def abandon(self) -> None:
         """After losing the lease: drop queued uploads, wait for running ones (they publish

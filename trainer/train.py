@@ -281,8 +281,8 @@ def _exit_lease_lost(dinfo: DistInfo, store: ck.CheckpointStore, logger, reason:
     if dinfo.is_main:
         store.abandon()
     barrier()
-    logger.error(f"{reason}: stopped without writing another checkpoint or moving latest.json; exiting "
-                 f"{EXIT_LEASE_LOST}: do not rerun here (the other trainer continues this run)")
+    logger.error(f"{reason}: stopped writing (no further checkpoint, latest.json left to the new holder); "
+                 f"exiting {EXIT_LEASE_LOST}: do not rerun here (the other trainer continues this run)")
     report_exit(EXIT_LEASE_LOST, reason)
     return EXIT_LEASE_LOST
 
