@@ -297,6 +297,10 @@ class Lease:
                 except Exception:  # noqa: BLE001 - a callback must not stop the others
                     log.exception("lease-lost callback failed")
 
+    def renewed_ago(self) -> float:
+        """Seconds since the last successful acquire or renewal (this machine's monotonic clock)."""
+        return time.monotonic() - self._last_ok
+
     def check(self) -> None:
         """Raise LeaseLost if the lease was lost (no I/O)."""
         if self.lost:

@@ -231,3 +231,23 @@ def test_a_writer_that_missed_the_takeover_cannot_move_latest(s3_bucket, tmp_pat
     b.close()
     b.lease.release()
     a.close()
+
+
+def test_a_renewal_whose_response_was_dropped_is_recognised_as_ours(s3_server, s3_bucket, monkeypatch):
+    """The server applied the If-Match write but the reply was cut: the SDK's retry then gets
+    412 (the ETag moved). The lease reads it back, finds its own token, and stays held."""
+    from urllib.parse import urlparse
+
+    from tests.faulty_proxy import FaultyProxy
+
+    root = s3_bucket + "/runs/dropped"
+    lease = Lease(root, 300).acquire()
+    target = urlparse(s3_server)
+    with FaultyProxy((target.hostname, target.port), cut_after=40, max_cuts=1) as proxy:  # past a "100 Continue"
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        monkeypatch.setattr(storage, "_clients", {})  # a client for the proxy endpoint
+        lease.renew()
+        assert proxy.cuts == 1
+        assert not lease.lost and storage.get_versioned(storage.join(root, LEASE_NAME)).etag == lease.etag
+        lease.release()
+    assert read_lease(root)["released"] is True
