@@ -194,9 +194,11 @@ class Lease:
 
     def _held_error(self, other: dict | None, age_s: float | None) -> LeaseHeld:
         who = describe(other, age_s) if other else "another process (its lease.json is unreadable)"
+        limit = float((other or {}).get("lease_seconds") or self.lease_seconds)
+        wait = "" if not self.remote else (f"; if it died, rerun once its lease has gone {limit:g} s without renewal "
+                                           "(a dead holder on this machine is taken over at once)")
         return LeaseHeld(f"{self.root} is in use by {who}: only one {self.what} may write there. Stop that process "
-                         f"or use another folder; if it died, rerun once its lease is {self.lease_seconds:g} s old "
-                         "(a dead holder on this machine is taken over at once)")
+                         f"or use another folder{wait}")
 
     # ------------------------------------------------------------------ acquire
     def acquire(self) -> "Lease":
