@@ -528,3 +528,13 @@ def _local_put_versioned(path: Path, data: bytes, if_match: str | None, if_none_
         return _local_etag(data)
     finally:
         os.close(dir_fd)  # releases the flock
+
+
+def _reinit_after_fork() -> None:
+    """A forked child gets a fresh client lock: a parent's thread (the lease renewal) may
+    have held it at the moment of the fork, and nothing in the child would release it."""
+    global _clients_lock
+    _clients_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_reinit_after_fork)
