@@ -88,7 +88,6 @@ class CheckpointStore:
     def local_path(self, name: str) -> Path:
         return self.local / CKPT_DIR / name
 
-    # ------------------------------------------------------------------ saving
     # ------------------------------------------------------------------ single writer (lease)
     def may_write(self) -> bool:
         """Renew the lease now (about to write); False once it is lost (then write nothing)."""
