@@ -509,3 +509,108 @@ def sha256_file(url: str | os.PathLike) -> str:
     for data in iter_chunks(str(url)):
         h.update(data)
     return h.hexdigest()
+
+
+# =========================================================================== conditional writes
+# Versioned reads and compare-and-swap writes: the primitive behind common.lease and the
+# fenced checkpoints/latest.json pointer. S3 uses conditional writes (If-None-Match: * to
+# create only if absent, If-Match: <etag> to replace only the version read); a local path
+# emulates them under an flock on the object's folder, with the MD5 of the bytes as ETag.
+class PreconditionFailed(Exception):
+    """A conditional write lost: the object already exists (create) or changed (replace)."""
+
+
+@dataclass(frozen=True)
+class Versioned:
+    data: bytes
+    etag: str
+    age_s: float | None  # seconds since last written: the server's clock on S3, this machine's locally
+
+
+def get_versioned(url: str) -> Versioned:
+    """The object with its ETag and age; raises FileNotFoundError when absent."""
+    url = str(url)
+    if not is_s3(url):
+        with open(url, "rb") as f:
+            data, mtime = f.read(), os.fstat(f.fileno()).st_mtime
+        return Versioned(data, _local_etag(data), max(0.0, time.time() - mtime))
+    from email.utils import parsedate_to_datetime
+
+    bucket, key = split_s3(url)
+
+    def get():
+        try:
+            resp = _client().get_object(Bucket=bucket, Key=key)
+        except Exception as exc:  # noqa: BLE001
+            if _not_found(exc):
+                raise FileNotFoundError(f"{url} does not exist") from None
+            raise
+        return resp, resp["Body"].read()
+
+    resp, data = retry(get, url)
+    age = None
+    date = resp.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+    if date and resp.get("LastModified") is not None:  # both from the server: no clock skew
+        age = max(0.0, (parsedate_to_datetime(date) - resp["LastModified"]).total_seconds())
+    return Versioned(data, resp["ETag"], age)
+
+
+def put_versioned(url: str, data: bytes, *, if_match: str | None = None, if_none_match: bool = False) -> str:
+    """Write ``data`` and return its new ETag. ``if_none_match``: only if absent; ``if_match``:
+    only if the object is still that version. Raises PreconditionFailed when the condition
+    does not hold (a missing object fails ``if_match`` too). Neither: unconditional."""
+    url = str(url)
+    if not is_s3(url):
+        return _local_put_versioned(Path(url), data, if_match, if_none_match)
+    bucket, key = split_s3(url)
+    cond = {"IfNoneMatch": "*"} if if_none_match else ({"IfMatch": if_match} if if_match else {})
+
+    def put():
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            try:
+                return _client().put_object(Bucket=bucket, Key=key, Body=data, **cond)["ETag"]
+            except Exception as exc:  # noqa: BLE001
+                code = _error_code(exc)
+                if code in {"PreconditionFailed", "412"} or (cond and _not_found(exc)):
+                    raise PreconditionFailed(f"{url} changed (or exists) since it was read") from None
+                if code != "ConditionalRequestConflict" or attempt == MAX_ATTEMPTS:
+                    raise  # 409 = a concurrent conditional write in flight: S3 asks to retry
+                time.sleep(random.uniform(0, BACKOFF_BASE_S * 2**attempt))
+        raise AssertionError("unreachable")
+
+    return retry(put, url)
+
+
+def _local_etag(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def _local_put_versioned(path: Path, data: bytes, if_match: str | None, if_none_match: bool) -> str:
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(dir_fd, fcntl.LOCK_EX)  # serializes compare-and-swap between processes
+        try:
+            current = _local_etag(path.read_bytes())
+        except FileNotFoundError:
+            current = None
+        if (if_none_match and current is not None) or (if_match and current != if_match):
+            raise PreconditionFailed(f"{path} changed (or exists) since it was read")
+        _atomic_local_write(path, lambda f: f.write(data))
+        return _local_etag(data)
+    finally:
+        os.close(dir_fd)  # releases the flock
+
+
+def _reinit_after_fork() -> None:
+    """A forked child gets a fresh client lock: a parent's thread (the lease renewal) may
+    have held it at the moment of the fork, and nothing in the child would release it."""
+    global _clients_lock
+    _clients_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_reinit_after_fork)

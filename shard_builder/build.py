@@ -27,6 +27,7 @@ from pathlib import Path
 
 from common import storage
 from common.errors import UserError
+from common.lease import DEFAULT_LEASE_SECONDS, Lease
 from common.log import setup_logging
 from common.manifest import MANIFEST_NAME, Manifest, ShardIndex, ShardInfo, SplitInfo, dumps, save, sha256_bytes
 from shard_builder.images import BadImage, prepare_image
@@ -195,13 +196,39 @@ def build_shards(source: str, output: str, *, subset_percentage: float = 100.0, 
                  seed: int = 0, splits=SPLITS, shard_max_bytes: int = DEFAULT_SHARD_MAX_BYTES,
                  shard_max_count: int | None = None, resize_max_side: int | None = None, jpeg_quality: int = 90,
                  workers: int | None = None, overwrite: bool = False, progress: bool = False,
-                 scratch_dir: str | None = None, log_file: str | None = None) -> Manifest:
-    """Build the shards and the manifest; returns the manifest. See the module docstring."""
+                 scratch_dir: str | None = None, log_file: str | None = None,
+                 lease_seconds: float = DEFAULT_LEASE_SECONDS) -> Manifest:
+    """Build the shards and the manifest; returns the manifest. See the module docstring.
+
+    Holds the destination's single-writer lease (common.lease) for the whole build: a second
+    build into it exits 2 naming this one; a killed build's lease is taken over (at once when
+    provably dead, else once ``lease_seconds`` old)."""
     output = str(output).rstrip("/") if storage.is_s3(output) else str(Path(output).expanduser())
     opts = BuildOptions(float(subset_percentage), classes_file, int(seed), tuple(splits), int(shard_max_bytes),
                         shard_max_count, resize_max_side, int(jpeg_quality))
     opts.check()
     workers = max(1, workers or os.cpu_count() or 1)
+    lease = Lease(output, lease_seconds, what="shard_builder build").acquire()
+    try:
+        return _build(source, output, opts, workers, overwrite, progress, scratch_dir, log_file, lease)
+    finally:
+        lease.release()  # no-op when it was taken over
+
+
+def _next_result(results, lease: Lease) -> ShardResult | None:
+    """The next finished shard (None at the end), checking the lease every second while waiting:
+    once it is lost the pool is torn down and nothing more is written."""
+    while True:
+        try:
+            return results.next(timeout=1.0)
+        except StopIteration:
+            return None
+        except mp.TimeoutError:
+            lease.check()
+
+
+def _build(source: str, output: str, opts: BuildOptions, workers: int, overwrite: bool, progress: bool,
+           scratch_dir: str | None, log_file: str | None, lease: Lease) -> Manifest:
     started = time.time()
     src = open_source(source, need_train="train" in opts.splits, need_val="val" in opts.splits)
     plan = make_plan(src, opts)
@@ -229,7 +256,9 @@ def build_shards(source: str, output: str, *, subset_percentage: float = 100.0, 
         with ctx.Pool(workers, initializer=_init_worker,
                       initargs=(src.opener(), output, opts, plan.fingerprint, scratch, counters)) as pool:
             bar.start()
-            for res in pool.imap_unordered(_build_task, plan.tasks, chunksize=1):  # one shard per task
+            lease.start_renewing()  # after the fork of the workers, like the progress thread
+            pending = pool.imap_unordered(_build_task, plan.tasks, chunksize=1)  # one shard per task
+            while (res := _next_result(pending, lease)) is not None:
                 results[res.info.path] = res
                 log.debug(f"{'kept' if res.reused else 'built'} {res.info.path}: {res.info.num_samples} samples, "
                           f"{res.info.bytes} bytes, sha256 {res.info.sha256}")
@@ -256,6 +285,7 @@ def build_shards(source: str, output: str, *, subset_percentage: float = 100.0, 
     manifest = Manifest(plan.build_args, opts.seed, plan.classes, splits_info, skipped,
                         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), root=output)
     manifest.validate()
+    lease.renew()  # LeaseLost (exit 77) if another build took over: then no manifest from this one
     save(manifest, output)  # last: its presence marks a finished build
     storage.delete(storage.join(output, STATE_NAME))
 
@@ -307,6 +337,8 @@ def add_parser(sub) -> None:
     p.add_argument("--scratch-dir", default=None, help="local scratch for shards bound for S3")
     p.add_argument("--log-file", default=None)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--lease-seconds", type=float, default=DEFAULT_LEASE_SECONDS,
+                   help="one build per --output: another may take over a lease not renewed this long")
     p.set_defaults(func=run)
 
 
@@ -319,7 +351,7 @@ def run(args) -> int:
                      shard_max_bytes=args.shard_max_bytes, shard_max_count=args.shard_max_count,
                      resize_max_side=args.resize_max_side, jpeg_quality=args.jpeg_quality, workers=args.workers,
                      overwrite=args.overwrite, progress=not args.no_progress, scratch_dir=args.scratch_dir,
-                     log_file=args.log_file)
+                     log_file=args.log_file, lease_seconds=args.lease_seconds)
     print(f"built {m.root}: {m.num_classes} classes, "
           + ", ".join(f"{s} {i.num_samples} samples / {len(i.shards)} shards" for s, i in m.splits.items())
           + f", {len(m.skipped)} skipped")

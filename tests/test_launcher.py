@@ -112,6 +112,14 @@ def test_loop_gives_up_after_max_failures(tmp_path):
     assert time.monotonic() - t0 < 10  # backoff honours BACKOFF_BASE_S
 
 
+def test_loop_does_not_retry_when_the_lease_was_taken_over(tmp_path):
+    counter = tmp_path / "attempts"
+    fake = _script(tmp_path / "fake-trainer", f'echo x >> {counter}\necho 77 > "$IMAGENET_EXIT_STATUS_FILE"\nexit 1\n')
+    proc = _loop(tmp_path, str(fake), MAX_FAILURES=5)
+    assert proc.returncode == 77 and len(counter.read_text().split()) == 1
+    assert "took over" in proc.stderr and not (tmp_path / "state" / "done").exists()
+
+
 def test_sigterm_to_the_loop_reaches_the_trainer_and_ends_with_75(tmp_path):
     started, got_term, counter = tmp_path / "started", tmp_path / "got-term", tmp_path / "attempts"
     fake = _script(tmp_path / "fake-trainer", f"""

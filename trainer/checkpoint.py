@@ -13,6 +13,11 @@ Order of writes, so a crash at any point leaves ``latest`` valid: checkpoint fil
 temp file + fsync + rename; S3: upload, then size and checksum verified), then its sidecar,
 then the pointer. On S3 the upload runs on a background thread; training goes on.
 
+Single writer: with a lease (common.lease), every write first renews it (a holder that was
+taken over writes nothing more), and ``latest.json`` only moves with a conditional write
+on the ETag this run last wrote (or saw at resume, :meth:`CheckpointStore.fence`), so even
+a stale writer that missed the takeover cannot move the pointer.
+
 Resume (:meth:`CheckpointStore.choose`, then :meth:`CheckpointStore.obtain` on every rank):
 the pointer's target first, then every sidecar newest first. A candidate whose bytes do
 not match its recorded size/sha256, or that does not load, is skipped with a warning and
@@ -32,6 +37,7 @@ import torch
 
 from common import storage
 from common.errors import UserError
+from common.lease import Lease, LeaseLost
 
 log = logging.getLogger("trainer")
 CKPT_DIR = "checkpoints"
@@ -65,8 +71,10 @@ def atomic_torch_save(obj, path: Path) -> None:
 class CheckpointStore:
     """Saves (rank 0 only) and finds checkpoints of one run folder."""
 
-    def __init__(self, output: str, local_dir: str, keep_last: int = 5):
+    def __init__(self, output: str, local_dir: str, keep_last: int = 5, lease: Lease | None = None):
         self.output, self.local = str(output), Path(local_dir)
+        self.lease = lease  # rank 0's single-writer lease on the run folder (None: unguarded)
+        self._pointer_etag: str | None = None  # latest.json as this run last wrote or saw it
         self.remote = storage.is_s3(self.output)
         self.keep_last = keep_last
         self._uploader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-upload") if self.remote else None
@@ -80,33 +88,122 @@ class CheckpointStore:
     def local_path(self, name: str) -> Path:
         return self.local / CKPT_DIR / name
 
+    # ------------------------------------------------------------------ single writer (lease)
+    def may_write(self) -> bool:
+        """Renew the lease now (about to write); False once it is lost (then write nothing)."""
+        try:
+            if self.lease is not None:
+                self.lease.renew()
+            return True
+        except LeaseLost:
+            return False
+        except Exception as exc:  # noqa: BLE001 - S3 unreachable: the lease stays ours until it expires
+            if self.lease.renewed_ago() >= self.lease.lease_seconds / 2:
+                raise
+            log.warning(f"could not renew the lease now ({exc}); it was renewed "
+                        f"{self.lease.renewed_ago():.0f} s ago, so writing on")
+            return True
+
+    def fence(self) -> None:
+        """Rank 0, once it holds the lease: stamp latest.json with this run's writer id (If-Match
+        on the version seen), so a writer that lost the lease can no longer move it."""
+        if self.lease is None:
+            return
+        url = self.url(LATEST)
+        try:
+            seen = storage.get_versioned(url)
+        except FileNotFoundError:
+            self._pointer_etag = None  # the first publish creates it (If-None-Match)
+            return
+        try:
+            pointer = json.loads(seen.data)
+            pointer["writer"] = self.lease.token
+            self._pointer_etag = storage.put_versioned(url, json.dumps(pointer).encode(), if_match=seen.etag)
+        except (ValueError, TypeError):
+            self._pointer_etag = seen.etag  # unreadable: left as it is (resume already skipped it)
+        except storage.PreconditionFailed:
+            raise UserError(f"{url} changed while this run started: is another trainer writing to "
+                            f"{self.output}? Stop it and rerun") from None
+
+    def _move_pointer(self, meta: dict) -> None:
+        """latest.json := meta, conditional on the version this run last wrote."""
+        url = self.url(LATEST)
+        if self.lease is None:
+            storage.write_bytes(url, json.dumps(meta).encode())
+            return
+        data = json.dumps(meta).encode()
+        try:
+            self._pointer_etag = storage.put_versioned(url, data, if_match=self._pointer_etag,
+                                                       if_none_match=self._pointer_etag is None)
+            return
+        except storage.PreconditionFailed:
+            self.lease.renew()  # LeaseLost here: we are the stale writer, the pointer stays
+        try:  # we hold the lease: our own write retried after a drop, or a stale writer moved it
+            seen = storage.get_versioned(url)
+        except FileNotFoundError:
+            self._pointer_etag = storage.put_versioned(url, data, if_none_match=True)
+            return
+        if seen.data != data:
+            log.warning(f"{url} was moved by a writer without the lease: pointing it back at this run")
+            self._pointer_etag = storage.put_versioned(url, data, if_match=seen.etag)
+        else:
+            self._pointer_etag = seen.etag
+
+    def abandon(self) -> None:
+        """After losing the lease: drop queued uploads, wait for running ones (they publish
+        nothing: each renews the lease first), never raise."""
+        for f in self._pending:
+            if not f.cancel():
+                try:
+                    f.result()
+                except Exception:  # noqa: BLE001 - the lease is gone; nothing to report
+                    pass
+        self._pending.clear()
+
     # ------------------------------------------------------------------ saving
     def save(self, state: dict, name: str) -> None:
         """Write ``state`` as checkpoint ``name``; on S3 the upload continues in the background."""
         self.raise_failed_upload()
+        if not self.may_write():
+            return  # the lease is lost: the loop stops at the next step (common.lease on_lost)
         path = self.local_path(name)
         atomic_torch_save(state, path)
         meta = {"name": name, "bytes": path.stat().st_size, "sha256": storage.sha256_file(path),
                 "epoch": state["epoch"], "step_in_epoch": state["step_in_epoch"], "global_step": state["global_step"]}
+        if self.lease is not None:
+            meta["writer"] = self.lease.token  # which run wrote it (the lease holder's id)
         if self.remote:
             self._pending.append(self._uploader.submit(self._publish_remote, path, meta))
         else:
-            self._publish(meta)
+            self._fenced(self._publish, meta)
 
     def save_best(self, state: dict) -> None:
+        if not self.may_write():
+            return
         path = self.local / "model_best.pth"
         atomic_torch_save(state, path)
         if self.remote:
             dest = storage.join(self.output, "model_best.pth")
-            self._pending.append(self._uploader.submit(storage.upload_file, path, dest))
+            self._pending.append(self._uploader.submit(self._fenced, storage.upload_file, path, dest))
+
+    def _fenced(self, write, *args) -> None:
+        """Run ``write`` unless the lease is lost (renewed first); a lost lease is not an upload
+        failure: it was logged and the training loop stops on it."""
+        try:
+            if self.may_write():
+                write(*args)
+        except LeaseLost:
+            pass
 
     def _publish_remote(self, path: Path, meta: dict) -> None:
+        if not self.may_write():
+            return
         url = self.url(meta["name"])
         storage.upload_file(path, url, metadata={"sha256": meta["sha256"]})
         st = storage.stat(url)
         if st is None or st.size != meta["bytes"] or st.metadata.get("sha256") != meta["sha256"]:
             raise OSError(f"upload of {url} did not verify (size/sha256 differ): latest left unchanged")
-        self._publish(meta)
+        self._fenced(self._publish, meta)
         # Keep only the newest uploaded local copy (a fast resume on this machine); S3 holds the
         # rest. Never touch copies still queued for upload.
         for old in self._uploaded_local:
@@ -116,7 +213,7 @@ class CheckpointStore:
     def _publish(self, meta: dict) -> None:
         """Sidecar, then pointer (both atomic), then pruning."""
         storage.write_bytes(self.url(meta["name"][:-4] + ".json"), json.dumps(meta).encode())
-        storage.write_bytes(self.url(LATEST), json.dumps(meta).encode())
+        self._move_pointer(meta)
         log.debug(f"checkpoint {self.url(meta['name'])} complete; latest updated")
         self._prune(meta["name"])
 

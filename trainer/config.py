@@ -60,6 +60,7 @@ class TrainConfig:
     imds_poll_seconds: float = 5.0
     hang_timeout_minutes: float = 15.0      # no step / eval batch for this long: stacks to the log, exit 76
     hang_first_step_minutes: float = 30.0   # the first step (and first evaluation) after a start or resume
+    lease_seconds: float = 300.0       # single-writer lease on --output: taken over when not renewed this long
 
     def __post_init__(self) -> None:
         if self.val_resize is None:  # the value used is what config.json and the checkpoints record
@@ -88,6 +89,8 @@ class TrainConfig:
             raise UserError(f"--amp must be auto, bf16, fp16 or off, got {self.amp}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise UserError(f"--device must be auto, cpu or cuda, got {self.device}")
+        if self.lease_seconds <= 0:
+            raise UserError(f"--lease-seconds must be positive, got {self.lease_seconds:g}")
         if self.lr <= 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
         for name in ("hang_timeout_minutes", "hang_first_step_minutes"):
@@ -171,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
                    default=d["hang_first_step_minutes"],
                    help="the same allowance for the first step and the first evaluation after a start or resume "
                         "(compilation, cache warm-up)")
+    p.add_argument("--lease-seconds", dest="lease_seconds", type=float, default=d["lease_seconds"],
+                   help="one trainer per --output: another may take over a lease not renewed this long (renewed "
+                        "every third of it)")
     return p
 
 

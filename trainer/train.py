@@ -7,7 +7,8 @@
 Exit codes: 0 finished, 75 interrupted on purpose (SIGTERM or an EC2 spot notice; a
 checkpoint was saved and uploaded: rerun the same command to resume), 76 the hang watchdog
 fired (no progress for --hang-timeout-minutes; thread stacks in the log; rerun resumes from
-the last checkpoint), 2 bad input, 1 other.
+the last checkpoint), 77 the lease was taken over (this run stopped writing; do not rerun
+here), 2 bad input or another trainer holds --output's lease, 1 other.
 """
 from __future__ import annotations
 
@@ -26,12 +27,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import manifest as mf
 from common import storage
-from common.errors import UserError
+from common.errors import EXIT_LEASE_LOST, UserError
+from common.lease import Lease, LeaseLost
 from trainer import checkpoint as ck
 from trainer import plan as planlib
 from trainer.config import TrainConfig, parse_config
 from trainer.data import LoaderConfig, make_train_loader, make_val_loader
-from trainer.distributed import DistInfo, broadcast_buffers, broadcast_object, setup, teardown
+from trainer.distributed import DistInfo, any_rank, barrier, broadcast_buffers, broadcast_object, setup, teardown
 from trainer.engine import Amp, Engine, StepState
 from trainer.metrics import RunFiles
 from trainer.model import build_model, load_pretrained, param_groups, unwrap
@@ -57,6 +59,8 @@ def resolve_resume(cfg: TrainConfig, store: ck.CheckpointStore, dinfo: DistInfo)
     choice: tuple = ("none",)
     if dinfo.is_main:
         try:
+            if store.lease is not None:
+                store.lease.acquire()  # lease: before touching anything; a live holder -> exit 2
             storage.check_writable(cfg.output)
             if cfg.resume == "none":
                 if store.has_run() and not cfg.overwrite:
@@ -69,6 +73,7 @@ def resolve_resume(cfg: TrainConfig, store: ck.CheckpointStore, dinfo: DistInfo)
                 choice = ("meta", meta) if meta else ("none",)
             else:
                 choice = ("url", cfg.resume)
+            store.fence()  # lease: from here on latest.json moves only by this run's conditional writes
         except UserError as exc:
             choice = ("error", str(exc))
     choice = broadcast_object(choice)
@@ -102,6 +107,7 @@ def train(cfg: TrainConfig) -> int:
     dinfo = setup(cfg.device, timeout_minutes=collective_timeout_minutes(cfg.hang_timeout_minutes,
                                                                          cfg.hang_first_step_minutes))
     store = None
+    lease = Lease(cfg.output, cfg.lease_seconds, what="trainer") if dinfo.is_main else None  # lease
     try:
         if cfg.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -109,7 +115,7 @@ def train(cfg: TrainConfig) -> int:
         torch.backends.cudnn.benchmark = not cfg.deterministic
         manifest = mf.load(cfg.data)
         local = local_dir_for(cfg)
-        store = ck.CheckpointStore(cfg.output, local, cfg.keep_last)
+        store = ck.CheckpointStore(cfg.output, local, cfg.keep_last, lease=lease)
         state, resumed_from = resolve_resume(cfg, store, dinfo)
         if state is not None:
             check_compatible(state, cfg, manifest, resumed_from)
@@ -118,9 +124,13 @@ def train(cfg: TrainConfig) -> int:
         logger = run_files.start(cfg.to_json(), resume_epoch=start.epoch)
         return _train(cfg, dinfo, manifest, store, run_files, logger, state, resumed_from, start)
     finally:
-        if store is not None:
-            store.close()
-        teardown()
+        try:
+            if store is not None:
+                store.close()
+        finally:
+            if lease is not None:
+                lease.release()  # lease: a clean exit (0, 75) lets a rerun start at once; no-op once lost
+            teardown()
 
 
 def _train(cfg, dinfo, manifest, store, run_files, logger, state, resumed_from, start: StepState) -> int:
@@ -199,6 +209,8 @@ def _train(cfg, dinfo, manifest, store, run_files, logger, state, resumed_from, 
     engine.heartbeat = dog.beat
     dog.start()  # the first step after this start (or resume) gets the long allowance
     first_eval = True
+    if store.lease is not None:  # lease: renewed every --lease-seconds/3; a takeover stops training
+        store.lease.start_renewing(on_lost=watcher.request)
     s = start
     try:
         while s.epoch < cfg.epochs:
@@ -211,7 +223,7 @@ def _train(cfg, dinfo, manifest, store, run_files, logger, state, resumed_from, 
 
             def save_mid_epoch(epoch_sums: list[float]) -> None:
                 nonlocal last_save
-                if dinfo.is_main:
+                if dinfo.is_main and not (store.lease and store.lease.lost):  # lease: no save once lost
                     store.save(snapshot(s, epoch_sums), ck.checkpoint_name(s.epoch, s.step_in_epoch))
                 last_save = time.monotonic()
 
@@ -228,6 +240,8 @@ def _train(cfg, dinfo, manifest, store, run_files, logger, state, resumed_from, 
                                          sample_log=sample_log, log_every=cfg.log_every_steps, carry=carry)
             if bar:
                 bar.close()
+            if res.interrupted and (lost := _lease_lost(dinfo, store)):  # lease
+                return _exit_lease_lost(dinfo, store, logger, lost)
             if res.interrupted:
                 return _exit_interrupted(s, store, dinfo, logger, watcher.reason)
             broadcast_buffers(unwrap(wrapped))
@@ -248,6 +262,8 @@ def _train(cfg, dinfo, manifest, store, run_files, logger, state, resumed_from, 
                         f"{val['val_loss']:.4f} top-1 {val['val_top1']:.2f}% top-5 {val['val_top5']:.2f}% "
                         f"({val['val_count']} images) | {record['train_images_per_s']:.0f} img/s, data wait "
                         f"{100 * record['data_wait_fraction']:.1f}%, skipped {res.skipped + val['val_skipped']}")
+            if lost := _lease_lost(dinfo, store):  # lease: checked (renewed) before the epoch's checkpoint
+                return _exit_lease_lost(dinfo, store, logger, lost)
             if dinfo.is_main:
                 is_best = val["val_top1"] >= best
                 best = max(best, val["val_top1"])
@@ -292,6 +308,26 @@ def _exit_interrupted(s: StepState, store: ck.CheckpointStore, dinfo: DistInfo, 
     logger.warning(f"checkpoint {url} saved and verified; exiting with {EXIT_INTERRUPTED}: rerun to resume")
     report_exit(EXIT_INTERRUPTED, reason)  # torchrun turns our 75 into its 1
     return EXIT_INTERRUPTED
+
+
+def _lease_lost(dinfo: DistInfo, store: ck.CheckpointStore) -> str | None:
+    """On every rank: why rank 0 lost the run folder's lease (renewed now), or None. Two tiny
+    collectives at most, so all ranks take the same decision at the same point."""
+    lost = dinfo.is_main and store.lease is not None and not store.may_write()
+    if not any_rank([lost], dinfo.device)[0]:
+        return None
+    return broadcast_object(store.lease.lost if dinfo.is_main else None)
+
+
+def _exit_lease_lost(dinfo: DistInfo, store: ck.CheckpointStore, logger, reason: str) -> int:
+    """Another trainer took over --output: write nothing more and exit EXIT_LEASE_LOST everywhere."""
+    if dinfo.is_main:
+        store.abandon()
+    barrier()
+    logger.error(f"{reason}: stopped writing (no further checkpoint, latest.json left to the new holder); "
+                 f"exiting {EXIT_LEASE_LOST}: do not rerun here (the other trainer continues this run)")
+    report_exit(EXIT_LEASE_LOST, reason)
+    return EXIT_LEASE_LOST
 
 
 def _sample_log(cfg: TrainConfig, local: Path, epoch: int, rank: int):
@@ -349,4 +385,6 @@ def main(argv: list[str] | None = None) -> int:
         return train(parse_config(argv))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if isinstance(exc, LeaseLost):  # lease: e.g. lost while the last uploads finished
+            report_exit(exc.exit_code, str(exc))
         return exc.exit_code
