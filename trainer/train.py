@@ -28,7 +28,7 @@ from common.errors import UserError
 from trainer import checkpoint as ck
 from trainer import plan as planlib
 from trainer.config import TrainConfig, parse_config
-from trainer.data import LoaderConfig, make_train_loader, make_val_loader
+from trainer.data import LoaderConfig, RunLoader
 from trainer.distributed import DistInfo, barrier, broadcast_buffers, broadcast_object, setup, teardown
 from trainer.engine import Amp, Engine, StepState
 from trainer.metrics import RunFiles
@@ -160,6 +160,7 @@ def _train(cfg, dinfo, manifest, store, run_files, logger, state, resumed_from, 
     lcfg = LoaderConfig(cfg.data, batch_size=B, accum=accum, image_size=cfg.image_size, val_resize=cfg.val_resize,
                         num_workers=cfg.workers, seed=cfg.seed, cache_dir=cfg.cache_dir,
                         pin_memory=dinfo.device.type == "cuda", with_keys=cfg.sample_log)
+    loaders = RunLoader(lcfg, rank=dinfo.rank, world_size=W, manifest=manifest)  # workers live for the run
     best = state.get("best_top1", 0.0) if state else 0.0
     logger.info(f"{cfg.arch} on {manifest.num_classes} classes, {n_train} train images; {W} process(es) on "
                 f"{dinfo.device.type}, batch {B} x {W} x accum {accum} = {global_batch}, lr {peak_lr:g}, "
@@ -200,8 +201,7 @@ def _train(cfg, dinfo, manifest, store, run_files, logger, state, resumed_from, 
                     store.save(snapshot(s), ck.checkpoint_name(s.epoch, s.step_in_epoch))
                 last_save = time.monotonic()
 
-            loader = make_train_loader(lcfg, epoch=s.epoch, start_batch=s.step_in_epoch * accum, rank=dinfo.rank,
-                                       world_size=W, manifest=manifest)
+            loader = loaders.train_epoch(s.epoch, start_batch=s.step_in_epoch * accum)
             bar = _progress_bar(dinfo, s, steps, global_batch)
             with _sample_log(cfg, store.local, s.epoch, dinfo.rank) as sample_log:
                 res = engine.train_epoch(loader, s, stop_after=steps, should_stop=watcher.requested,
@@ -222,9 +222,7 @@ def _train(cfg, dinfo, manifest, store, run_files, logger, state, resumed_from, 
                 report_exit(EXIT_INTERRUPTED, watcher.reason)  # torchrun turns our 75 into its 1
                 return EXIT_INTERRUPTED
             broadcast_buffers(unwrap(wrapped))
-            val = engine.evaluate(unwrap(wrapped), make_val_loader(lcfg, rank=dinfo.rank, world_size=W,
-                                                                   manifest=manifest),
-                                  manifest.split("val").num_samples)
+            val = engine.evaluate(unwrap(wrapped), loaders.val(), manifest.split("val").num_samples)
             s.epoch, s.step_in_epoch = s.epoch + 1, 0
             record = {"epoch": s.epoch, "train_loss": res.loss, "train_top1": res.top1, **val,
                       "lr": optimizer.param_groups[0]["lr"], "train_images_per_s": res.samples / max(res.seconds, 1e-9),
@@ -248,6 +246,7 @@ def _train(cfg, dinfo, manifest, store, run_files, logger, state, resumed_from, 
         return EXIT_COMPLETED
     finally:
         watcher.stop()
+        loaders.close()
 
 
 def _sample_log(cfg: TrainConfig, local: Path, epoch: int, rank: int):
