@@ -22,8 +22,8 @@ Crop/flip randomness is per (seed, epoch, key), so pixels are identical too.
 
 Workers never come from ``fork()`` of the training process, which has threads (checkpoint
 uploads, IMDS poller, S3 read pools, collectives): a fork there can deadlock in the child. On
-Linux they come from a ``forkserver`` (started at the first loader, from a clean exec, with
-nothing preloaded, so it never has a second thread), elsewhere from ``spawn``. They start
+Linux they come from a ``forkserver`` (started at the first loader from a clean exec; it
+preloads the imports but never has a second thread), elsewhere from ``spawn``. They start
 once per run: train and val each keep theirs for every epoch (``persistent_workers``), and
 each worker loads each index sidecar at most once per run. Workers and the forkserver
 ignore SIGTERM (see :class:`_WorkerInit`), and a worker that dies or stalls for
@@ -39,6 +39,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import subprocess
 import sys
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -159,11 +160,32 @@ class _CreatorWatchdog:
         return self.creator is None or self.creator.is_alive()
 
 
+def _forkserver_preload() -> list[str]:
+    """``["trainer.worker_preload"]`` when a fresh interpreter finds this copy of ``trainer``.
+
+    Python 3.11's forkserver imports its preload before (and without) taking its creator's
+    ``sys.path``; a program that changed its path (a script inserting a checkout) would
+    otherwise give its workers another copy of the code. Without a preload each worker
+    imports everything itself, from its creator's path: correct, only slower to start.
+    """
+    from multiprocessing import util
+
+    probe = "import importlib.util as u; s = u.find_spec('trainer'); print(s.submodule_search_locations[0])"
+    try:
+        out = subprocess.run([sys.executable, *util._args_from_interpreter_flags(), "-c", probe],
+                             capture_output=True, text=True, timeout=60).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    here = os.path.dirname(os.path.realpath(__file__))
+    return ["trainer.worker_preload"] if out and os.path.realpath(out) == here else []
+
+
 def worker_context(method: str):
     """The multiprocessing context for loader workers; for ``forkserver``, start the server now.
 
-    The forkserver preloads nothing (``import torch`` would give it native threads, and it
-    forks), and starts with SIGTERM blocked, as Python's own resource tracker does: it and the
+    The forkserver preloads ``trainer.worker_preload`` (workers then start without seconds
+    of imports each) and stays single-threaded, as anything that forks must. It starts with SIGTERM
+    blocked, as Python's own resource tracker does: it and the
     workers it forks (they inherit the mask) then outlive the SIGTERM that torchrun or a spot
     shutdown sends to the whole process group, so the rank can finish its step and checkpoint.
     It exits by itself when this process ends. The mask is this thread's only, for the
@@ -173,7 +195,7 @@ def worker_context(method: str):
     if method == "forkserver":
         from multiprocessing import forkserver, resource_tracker
 
-        ctx.set_forkserver_preload([])  # only has an effect before the server starts
+        ctx.set_forkserver_preload(_forkserver_preload())  # only has an effect before the server starts
         resource_tracker.ensure_running()  # first: starting it unblocks SIGTERM in this thread
         old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         try:
