@@ -1,9 +1,9 @@
-"""Imported by the loader workers' forkserver only (see ``trainer.data.worker_context``).
+"""Imported by the loader workers' forkserver only (see ``trainer.workers.worker_context``).
 
 It makes the heavy imports once in the server, so that each worker forks with them done
 instead of paying seconds of imports, while the server stays a single-threaded process, as
 anything that forks must: OpenBLAS would otherwise start its thread pool when numpy loads.
-Workers take their creator's environment back (``trainer.data._WorkerInit``) and run torch
+Workers take their creator's environment back (``trainer.workers.WorkerInit``) and run torch
 with one thread anyway.
 """
 import os
