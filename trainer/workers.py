@@ -12,6 +12,7 @@ by exec; it forks the workers. See ``trainer.data`` for how the loaders use them
 """
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import signal
@@ -68,6 +69,7 @@ class CreatorWatchdog:
         return self.creator is None or self.creator.is_alive()
 
 
+@functools.lru_cache(maxsize=1)
 def _forkserver_preload() -> list[str]:
     """``["trainer.worker_preload"]`` when a fresh interpreter finds this copy of ``trainer``.
 
@@ -92,11 +94,11 @@ def worker_context(method: str):
     """The multiprocessing context for loader workers; for ``forkserver``, start the server now.
 
     The forkserver preloads ``trainer.worker_preload`` (workers then start without seconds
-    of imports each) and stays single-threaded, as anything that forks must. It starts with SIGTERM
-    blocked, as Python's own resource tracker does: it and the
-    workers it forks (they inherit the mask) then outlive the SIGTERM that torchrun or a spot
-    shutdown sends to the whole process group, so the rank can finish its step and checkpoint.
-    It exits by itself when this process ends. The mask is this thread's only, for the
+    of imports each) and stays single-threaded, as anything that forks must. It starts with
+    SIGTERM blocked, as Python's own resource tracker does: it and the workers it forks (they
+    inherit the mask) then outlive the SIGTERM that torchrun or a spot shutdown sends to the
+    whole process group, so the rank can finish its step and checkpoint. It exits by itself
+    once this process and its workers have ended. The mask is this thread's only, for the
     duration of the start: a SIGTERM meanwhile stays pending for this process, not lost.
     """
     ctx = multiprocessing.get_context(method)
