@@ -158,7 +158,10 @@ def main() -> None:
                 storage.upload_file(f, f"{s3_root}/{f.relative_to(shards).as_posix()}")
 
         def ours(root: str, decoder: str = "simplejpeg"):
-            cfg = LoaderConfig(root, batch_size=a.batch_size, num_workers=a.workers, decoder=decoder, with_keys=False)
+            # spawn, not the default forkserver: spawned workers are children of this process, so
+            # cpu_seconds() counts them once they are joined (a forkserver's children are not ours).
+            cfg = LoaderConfig(root, batch_size=a.batch_size, num_workers=a.workers, decoder=decoder, with_keys=False,
+                               multiprocessing_context="spawn")
             manifest = mf.load(root)
             epoch = iter(range(10**6))
             return lambda: (b.images for b in make_train_loader(cfg, epoch=next(epoch), rank=0, world_size=1,

@@ -26,7 +26,7 @@ from photos import make_photo_tree  # noqa: E402
 
 from common import manifest as mf  # noqa: E402
 from shard_builder.build import build_shards  # noqa: E402
-from trainer.data import Batch, LoaderConfig, make_train_loader  # noqa: E402
+from trainer.data import Batch, LoaderConfig, RunLoader  # noqa: E402
 from trainer.distributed import DistInfo  # noqa: E402
 from trainer.engine import Amp, Engine, StepState  # noqa: E402
 from trainer.model import build_model, param_groups  # noqa: E402
@@ -85,13 +85,18 @@ def main() -> None:
     cfg = LoaderConfig(str(shards), batch_size=bs, image_size=a.image_size, num_workers=a.workers,
                        pin_memory=cuda, with_keys=False)
 
+    loaders = RunLoader(cfg, rank=0, world_size=1, manifest=m)  # workers kept across epochs, as in training
+
     def epochs():
         e = 0
         while True:
-            yield from make_train_loader(cfg, epoch=e, rank=0, world_size=1, manifest=m)
+            yield from loaders.train_epoch(e)
             e += 1
 
-    real = run(engine, epochs(), steps, warmup)
+    try:
+        real = run(engine, epochs(), steps, warmup)
+    finally:
+        loaders.close()
     print(f"machine: {machine()}")
     print(f"{a.arch} at {a.image_size} px, batch {bs}, amp {amp.name}, channels_last, {a.workers} loader workers, "
           f"{steps} timed steps")

@@ -1,20 +1,33 @@
 """Train and val loaders over the shards: exact epochs and exact resume for any ranks x workers.
 
-    from trainer.data import LoaderConfig, make_train_loader, make_val_loader
+    from trainer.data import LoaderConfig, RunLoader
     cfg = LoaderConfig("s3://bucket/imagenet-10pct", batch_size=256, num_workers=8, cache_dir="/mnt/cache")
-    for epoch in range(start_epoch, epochs):
-        train = make_train_loader(cfg, epoch=epoch, start_batch=resume_batch if epoch == start_epoch else 0)
-        for batch in train:     # Batch: images uint8 [B,3,H,W], labels int64 [B], step, micro, ...
-            ...                 # checkpoint (epoch, batch.index + 1) to resume right after it
-        log(train.num_skipped)  # undecodable / truncated samples skipped this epoch
-    for batch in make_val_loader(cfg): ...   # every val sample exactly once across ranks
+    with RunLoader(cfg, manifest=manifest) as loaders:   # rank/world size from torch.distributed
+        for epoch in range(start_epoch, epochs):
+            train = loaders.train_epoch(epoch, start_batch=resume_batch if epoch == start_epoch else 0)
+            for batch in train:     # Batch: images uint8 [B,3,H,W], labels int64 [B], step, micro, ...
+                ...                 # checkpoint (epoch, batch.index + 1) to resume right after it
+            log(train.num_skipped)  # undecodable / truncated samples skipped this epoch
+            for batch in loaders.val(): ...   # every val sample exactly once across ranks
+
+``make_train_loader(cfg, epoch=...)`` / ``make_val_loader(cfg)`` give one pass on workers of
+its own (tools, tests); a training run uses one :class:`RunLoader`.
 
 How (details in ``trainer.plan``): each rank's micro-batches are a pure function of (shard
-counts, seed, epoch, world size, batch sizes). Micro-batch ``b`` of a rank is produced by
-DataLoader worker ``(b - start_batch) % num_workers``; torch's DataLoader takes one item from
-each worker in turn, so the output is ``start_batch, start_batch + 1, ...`` whatever
-``num_workers`` is (0 included) and whatever the timing. Resume skips plan entries without any
-I/O or decode. Crop/flip randomness is per (seed, epoch, key), so pixels are identical too.
+counts, seed, epoch, world size, batch sizes). The main process asks for items ``(epoch, b)``,
+``b = start_batch, start_batch + 1, ...``; torch's DataLoader hands them to the workers in turn
+and returns the results in that order, so the output is the same whatever ``num_workers`` is
+(0 included) and whatever the timing. Resume skips plan entries without any I/O or decode.
+Crop/flip randomness is per (seed, epoch, key), so pixels are identical too.
+
+Workers never come from ``fork()`` of the training process, which has threads (checkpoint
+uploads, IMDS poller, S3 read pools, collectives): a fork there can deadlock in the child. On
+Linux they come from a ``forkserver`` (started at the first loader from a clean exec; it
+preloads the imports but never has a second thread), elsewhere from ``spawn``. They start
+once per run: train and val each keep theirs for every epoch (``persistent_workers``), and
+each worker loads each index sidecar at most once per run. Workers and the forkserver
+ignore SIGTERM (see ``trainer.workers``), and a worker that dies or stalls for
+``worker_timeout_s`` is an error in the main process, not an endless wait.
 
 Every train rank yields the same number of micro-batches (``len(loader)``). Val ranks may
 yield different numbers of batches: evaluation must not run a collective per batch; sum the
@@ -23,20 +36,21 @@ counts locally and all-reduce once at the end.
 from __future__ import annotations
 
 import logging
-import signal
+import os
 import sys
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from common import manifest as mf
 from common import wds_s3
 from trainer import plan as planlib
 from trainer.presets import DECODERS, EvalPreset, TrainPreset
 from trainer.reader import ShardStore
+from trainer.workers import WORKER_START_METHODS, WorkerInit, worker_context
 
 log = logging.getLogger(__name__)
 
@@ -63,15 +77,21 @@ class LoaderConfig:
     io_threads: int = 8                # parallel S3 range reads per worker
     decoder: str = "simplejpeg"        # or "pil" (see trainer.presets)
     pin_memory: bool = False
-    multiprocessing_context: str | None = "fork" if sys.platform.startswith("linux") else "spawn"
+    multiprocessing_context: str = "forkserver" if sys.platform.startswith("linux") else "spawn"
     prefetch_factor: int = 2
     with_keys: bool = True
     decode: str = "cpu"                # "gpu": workers send JPEG bytes, decode_device decodes (trainer.gpu_decode)
     decode_device: str | None = None   # for decode="gpu"; default: the current CUDA device
+    worker_timeout_s: float = 600      # a worker silent this long (dead or stuck) is an error
 
     def __post_init__(self):
         if self.batch_size < 1 or self.accum < 1 or self.num_workers < 0:
             raise ValueError(f"bad batch_size/accum/num_workers in {self}")
+        if self.multiprocessing_context not in WORKER_START_METHODS:
+            raise ValueError(f"multiprocessing_context must be one of {WORKER_START_METHODS}, not "
+                             f"{self.multiprocessing_context!r}: fork() of a process with threads can deadlock")
+        if self.worker_timeout_s <= 0:
+            raise ValueError(f"worker_timeout_s must be > 0 (got {self.worker_timeout_s})")
         if self.decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {DECODERS}, not {self.decoder!r}")
         if self.decode not in ("cpu", "gpu"):
@@ -90,17 +110,6 @@ class Batch(NamedTuple):
     num_skipped: int
     keys: list[str] | None  # sample keys (with_keys=True)
     index: int              # per-rank micro-batch index in the epoch: resume with start_batch=index + 1
-
-
-def _outlive_sigterm(worker_id: int) -> None:
-    """DataLoader worker init: ignore SIGTERM.
-
-    torchrun stops a job by signalling each rank's whole process group, DataLoader workers
-    included. Were they to die, the rank would crash mid-step instead of finishing it and
-    writing its interruption checkpoint. Workers still exit when the loader shuts them down
-    or their parent dies (torch's worker watchdog), and SIGKILL still ends them.
-    """
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _identity(x):
@@ -130,33 +139,44 @@ def val_plan(cfg: LoaderConfig, manifest: mf.Manifest, *, rank: int, world_size:
     return planlib.val_plan(counts, rank=rank, world_size=world_size, batch_size=cfg.val_batch_size or cfg.batch_size)
 
 
-class PlanDataset(IterableDataset):
-    """Yields this rank's planned micro-batches from ``start_batch`` on, split across workers."""
+class PlanDataset(Dataset):
+    """Map-style: item ``(epoch, b)`` is this rank's planned micro-batch ``b`` of ``epoch``.
 
-    def __init__(self, cfg: LoaderConfig, manifest: mf.Manifest, train: bool, rank: int, world_size: int,
-                 epoch: int, start_batch: int):
-        wds_s3.register()  # here too: forked workers then inherit it (spawn ones register in __iter__)
+    One instance lives in each worker for the whole run: its :class:`ShardStore` keeps every
+    index sidecar it loaded, and it keeps the plan of the epoch it is serving (recomputed per
+    process from the manifest: cheap, and nothing large is pickled).
+    """
+
+    def __init__(self, cfg: LoaderConfig, manifest: mf.Manifest, train: bool, rank: int, world_size: int):
         self.cfg, self.train, self.rank, self.world_size = cfg, train, rank, world_size
-        self.epoch, self.start_batch = epoch, start_batch
+        self.epoch = 0
         split = cfg.train_split if train else cfg.val_split
         self.store = ShardStore(manifest, split, cache_dir=cfg.cache_dir, io_threads=cfg.io_threads)
         self.offsets = planlib.shard_offsets(self.store.counts)
         self.preset = (TrainPreset(cfg.image_size, decoder=cfg.decoder) if train else
                        EvalPreset(cfg.val_size or cfg.image_size, cfg.val_resize, decoder=cfg.decoder))
+        self._plans: dict[int, planlib.RankPlan] = {}
 
-    def plan(self) -> planlib.RankPlan:
-        m = self.store.manifest
-        if self.train:
-            return train_plan(self.cfg, m, rank=self.rank, world_size=self.world_size, epoch=self.epoch)
-        return val_plan(self.cfg, m, rank=self.rank, world_size=self.world_size)
+    def __getstate__(self):
+        return {**self.__dict__, "_plans": {}}
 
-    def __iter__(self):
-        wds_s3.register()  # per process: spawn workers start without it
-        info = get_worker_info()
-        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        p = self.plan()  # recomputed in each worker: cheap, and nothing large is pickled
-        for b in planlib.worker_batches(len(p), worker, workers, self.start_batch):
-            yield self.load(p, b)
+    def plan(self, epoch: int) -> planlib.RankPlan:
+        """The epoch's plan, computed once per process (val: the same for every epoch)."""
+        epoch = epoch if self.train else 0
+        p = self._plans.get(epoch)
+        if p is None:
+            m = self.store.manifest
+            p = (train_plan(self.cfg, m, rank=self.rank, world_size=self.world_size, epoch=epoch) if self.train
+                 else val_plan(self.cfg, m, rank=self.rank, world_size=self.world_size))
+            self._plans = {epoch: p}  # only the current one: epochs only move forward
+        return p
+
+    def __getitem__(self, item: tuple[int, int]) -> Batch:
+        wds_s3.register()  # per process: forkserver/spawn workers start without it
+        epoch, b = item
+        p = self.plan(epoch)
+        self.epoch = epoch
+        return self.load(p, b)
 
     def load(self, p: planlib.RankPlan, b: int) -> Batch:
         if self.cfg.decode == "gpu":  # bytes + crop boxes only; ShardLoader decodes on the device
@@ -196,6 +216,74 @@ class PlanDataset(IterableDataset):
                      skipped, keys if self.cfg.with_keys else None, b)
 
 
+class _PassSampler(Sampler):
+    """Main process only: the items ``(epoch, b)`` of the current pass, in order.
+
+    The DataLoader hands them to its workers round-robin and returns the results in this
+    order, so the output is start, start + 1, ... whatever ``num_workers`` and timing.
+    """
+
+    def __init__(self):
+        self.epoch = self.start = self.stop = 0
+
+    def __iter__(self):
+        return ((self.epoch, b) for b in range(self.start, self.stop))
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+
+class _Split:
+    """One split's dataset and DataLoader. With workers, the workers start on the first pass
+    and serve every later pass until :meth:`close` (``persistent_workers``)."""
+
+    def __init__(self, cfg: LoaderConfig, manifest: mf.Manifest, train: bool, rank: int, world_size: int,
+                 persistent: bool = True):
+        wds_s3.register()
+        self.name = "train" if train else "val"
+        self.dataset = PlanDataset(cfg, manifest, train, rank, world_size)
+        self.sampler = _PassSampler()
+        self.workers = cfg.num_workers
+        self._it = None  # the DataLoader iterator, hence the workers, of the latest pass
+        extra = {}
+        if self.workers > 0:
+            extra = dict(multiprocessing_context=worker_context(cfg.multiprocessing_context),
+                         prefetch_factor=cfg.prefetch_factor, persistent_workers=persistent,
+                         worker_init_fn=WorkerInit(dict(os.environ)), timeout=cfg.worker_timeout_s)
+        # Its own generator: drawing worker seeds must not advance the global torch RNG, whose
+        # state the checkpoints save and a resumed run restores.
+        self.dataloader = DataLoader(self.dataset, batch_size=None, sampler=self.sampler, num_workers=self.workers,
+                                     pin_memory=cfg.pin_memory, collate_fn=_identity,
+                                     generator=torch.Generator().manual_seed(cfg.seed), **extra)
+
+    def batches(self, epoch: int, start: int, stop: int):
+        """An iterator over micro-batches start..stop-1 of ``epoch`` (one pass at a time)."""
+        self.sampler.epoch, self.sampler.start, self.sampler.stop = epoch, start, stop
+        previous = self._it
+        self._it = iter(self.dataloader)  # persistent workers: the same iterator, reset
+        if self.workers > 0 and self._it is not previous:
+            if previous is not None:
+                self._shutdown(previous)
+            pids = [w.pid for w in getattr(self._it, "_workers", [])]
+            log.info("%s loader: %d workers started (%s), pids %s", self.name, len(pids),
+                     self.dataloader.multiprocessing_context.get_start_method(), pids)
+        return self._it
+
+    @staticmethod
+    def _shutdown(it) -> None:
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+    def close(self) -> None:
+        """Stop the workers now (a later pass would start new ones)."""
+        it, self._it = self._it, None
+        if hasattr(self.dataloader, "_iterator"):
+            self.dataloader._iterator = None
+        if it is not None:
+            self._shutdown(it)
+
+
 class ShardLoader:
     """Iterable over :class:`Batch` for one epoch (train) or one pass (val).
 
@@ -203,66 +291,101 @@ class ShardLoader:
     epoch's total for this rank; ``num_skipped`` the running total of skipped samples.
     """
 
-    def __init__(self, dataset: PlanDataset, cfg: LoaderConfig, num_batches: int, steps_per_epoch: int):
-        self.dataset, self.cfg = dataset, cfg
+    def __init__(self, split: _Split, epoch: int, start_batch: int, num_batches: int, steps_per_epoch: int,
+                 owns_split: bool = False):
+        self.split, self.owns_split = split, owns_split
         self.num_batches, self.steps_per_epoch = num_batches, steps_per_epoch
-        self.epoch, self.start_batch = dataset.epoch, dataset.start_batch
+        self.epoch, self.start_batch = epoch, start_batch
         self.num_skipped = 0
-        workers = cfg.num_workers
-        extra = dict(multiprocessing_context=cfg.multiprocessing_context, prefetch_factor=cfg.prefetch_factor,
-                     persistent_workers=False, worker_init_fn=_outlive_sigterm) if workers > 0 else {}
-        # Its own generator: drawing worker seeds must not advance the global torch RNG, whose
-        # state the checkpoints save and a resumed run restores.
-        self.dataloader = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=cfg.pin_memory,
-                                     collate_fn=_identity, generator=torch.Generator().manual_seed(cfg.seed),
-                                     **extra)
+
+    @property
+    def dataset(self) -> PlanDataset:
+        return self.split.dataset
 
     def __len__(self) -> int:
         return max(0, self.num_batches - self.start_batch)
 
     def __iter__(self):
-        it = iter(self.dataloader)
-        batches = it
-        if self.cfg.decode == "gpu":  # --decode gpu: workers sent bytes; decode here, on the device
+        batches = self.split.batches(self.epoch, self.start_batch, self.num_batches)
+        cfg = self.dataset.cfg
+        if cfg.decode == "gpu":  # --decode gpu: workers sent bytes; decode here, on the device
             from trainer.gpu_decode import decode_batch, resolve_device
-            device = resolve_device(self.cfg.decode_device)
-            batches = (decode_batch(raw, device) for raw in it)
+            device = resolve_device(cfg.decode_device)
+            batches = (decode_batch(raw, device) for raw in batches)
         try:
             for batch in batches:
                 self.num_skipped += batch.num_skipped
                 yield batch
         finally:
-            # Stop the workers now when the consumer stops early or an error escapes. Left to
-            # garbage collection, an iterator caught in an exception's traceback is finalised
-            # after its queues and each worker join then waits out a 5 s timeout.
-            shutdown = getattr(it, "_shutdown_workers", None)
-            if shutdown is not None:
-                shutdown()
+            if self.owns_split:
+                # A one-shot loader stops its workers when the consumer stops early or an error
+                # escapes. Left to garbage collection, an iterator caught in an exception's
+                # traceback is finalised after its queues and each worker join waits out 5 s.
+                self.split.close()
+
+
+def _counts(cfg: LoaderConfig, manifest: mf.Manifest, world_size: int) -> tuple[int, int]:
+    """(train micro-batches per rank, optimizer steps) per epoch."""
+    n = manifest.split(cfg.train_split).num_samples
+    kw = dict(world_size=world_size, batch_size=cfg.batch_size, accum=cfg.accum, drop_last=cfg.drop_last)
+    return planlib.batches_per_rank(n, **kw), planlib.steps_per_epoch(n, **kw)
+
+
+class RunLoader:
+    """The train and val loaders of one run; each keeps its workers from its first pass to
+    :meth:`close` (see the module docstring). Use as a context manager or close it in ``finally``."""
+
+    def __init__(self, cfg: LoaderConfig, *, rank: int | None = None, world_size: int | None = None,
+                 manifest: mf.Manifest | None = None):
+        self.cfg = cfg
+        self.rank, self.world_size = _rank_world(rank, world_size)
+        self.manifest = manifest or mf.load(cfg.root)
+        self.num_batches, self.steps_per_epoch = _counts(cfg, self.manifest, self.world_size)
+        self.num_val_batches = len(val_plan(cfg, self.manifest, rank=self.rank, world_size=self.world_size))
+        self._train = _Split(cfg, self.manifest, True, self.rank, self.world_size)
+        self._val = _Split(cfg, self.manifest, False, self.rank, self.world_size)
+
+    def train_epoch(self, epoch: int, start_batch: int = 0) -> ShardLoader:
+        """This rank's train micro-batches of ``epoch`` from ``start_batch`` on (iterate once)."""
+        if not 0 <= start_batch <= self.num_batches:
+            raise ValueError(f"start_batch {start_batch} is outside 0..{self.num_batches}")
+        return ShardLoader(self._train, epoch, start_batch, self.num_batches, self.steps_per_epoch)
+
+    def val(self) -> ShardLoader:
+        """This rank's share of the val split: every sample exactly once across ranks, no padding."""
+        return ShardLoader(self._val, 0, 0, self.num_val_batches, self.num_val_batches)
+
+    def close(self) -> None:
+        for split in (self._train, self._val):
+            split.close()
+
+    def __enter__(self) -> "RunLoader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def make_train_loader(cfg: LoaderConfig, *, epoch: int, start_batch: int = 0, rank: int | None = None,
                       world_size: int | None = None, manifest: mf.Manifest | None = None) -> ShardLoader:
-    """This rank's train micro-batches of ``epoch``, from micro-batch ``start_batch`` on.
+    """One epoch on its own workers, stopped at its end (a run uses :class:`RunLoader`).
 
-    rank/world_size default to torch.distributed's (or 0/1). Pass ``manifest`` to avoid
-    re-reading it every epoch.
+    rank/world_size default to torch.distributed's (or 0/1).
     """
     rank, world_size = _rank_world(rank, world_size)
     manifest = manifest or mf.load(cfg.root)
-    n = manifest.split(cfg.train_split).num_samples
-    kw = dict(world_size=world_size, batch_size=cfg.batch_size, accum=cfg.accum, drop_last=cfg.drop_last)
-    num_batches = planlib.batches_per_rank(n, **kw)
+    num_batches, steps = _counts(cfg, manifest, world_size)
     if not 0 <= start_batch <= num_batches:
         raise ValueError(f"start_batch {start_batch} is outside 0..{num_batches}")
-    dataset = PlanDataset(cfg, manifest, True, rank, world_size, epoch, start_batch)
-    return ShardLoader(dataset, cfg, num_batches, planlib.steps_per_epoch(n, **kw))
+    split = _Split(cfg, manifest, True, rank, world_size, persistent=False)
+    return ShardLoader(split, epoch, start_batch, num_batches, steps, owns_split=True)
 
 
 def make_val_loader(cfg: LoaderConfig, *, rank: int | None = None, world_size: int | None = None,
                     manifest: mf.Manifest | None = None) -> ShardLoader:
-    """This rank's share of the val split: every sample exactly once across ranks, no padding."""
+    """This rank's share of the val split on its own workers (a run uses :meth:`RunLoader.val`)."""
     rank, world_size = _rank_world(rank, world_size)
     manifest = manifest or mf.load(cfg.root)
     num_batches = len(val_plan(cfg, manifest, rank=rank, world_size=world_size))
-    dataset = PlanDataset(cfg, manifest, False, rank, world_size, 0, 0)
-    return ShardLoader(dataset, cfg, num_batches, num_batches)
+    split = _Split(cfg, manifest, False, rank, world_size, persistent=False)
+    return ShardLoader(split, 0, 0, num_batches, num_batches, owns_split=True)

@@ -32,7 +32,7 @@ from common.lease import Lease, LeaseLost
 from trainer import checkpoint as ck
 from trainer import plan as planlib
 from trainer.config import TrainConfig, parse_config
-from trainer.data import LoaderConfig, make_train_loader, make_val_loader
+from trainer.data import LoaderConfig, RunLoader
 from trainer.distributed import DistInfo, any_rank, barrier, broadcast_buffers, broadcast_object, setup, teardown
 from trainer.engine import Amp, Engine, StepState
 from trainer.metrics import RunFiles
@@ -179,7 +179,11 @@ def _train(cfg, dinfo, manifest, store, run_files, logger, state, resumed_from, 
     lcfg = LoaderConfig(cfg.data, batch_size=B, accum=accum, image_size=cfg.image_size, val_resize=cfg.val_resize,
                         num_workers=cfg.workers, seed=cfg.seed, cache_dir=cfg.cache_dir, drop_last=True,
                         pin_memory=dinfo.device.type == "cuda", with_keys=cfg.sample_log,
-                        decode=cfg.decode, decode_device=str(dinfo.device))
+                        decode=cfg.decode, decode_device=str(dinfo.device),
+                        # a silent worker is an error only after the watchdog had its chance
+                        worker_timeout_s=60 * collective_timeout_minutes(cfg.hang_timeout_minutes,
+                                                                         cfg.hang_first_step_minutes))
+    loaders = RunLoader(lcfg, rank=dinfo.rank, world_size=W, manifest=manifest)  # workers live for the run
     best = state.get("best_top1", 0.0) if state else 0.0
     logger.info(f"{cfg.arch} on {manifest.num_classes} classes, {n_train} train images; {W} process(es) on "
                 f"{dinfo.device.type}, batch {B} x {W} x accum {accum} = {global_batch}, lr {peak_lr:g}, "
@@ -230,8 +234,7 @@ def _train(cfg, dinfo, manifest, store, run_files, logger, state, resumed_from, 
             # A run resumed mid-epoch carries the epoch's metric sums so far (on one rank).
             carry = state.get("epoch_sums") if state and dinfo.is_main and s.step_in_epoch else None
 
-            loader = make_train_loader(lcfg, epoch=s.epoch, start_batch=s.step_in_epoch * accum, rank=dinfo.rank,
-                                       world_size=W, manifest=manifest)
+            loader = loaders.train_epoch(s.epoch, start_batch=s.step_in_epoch * accum)
             report, bar = _progress(dinfo, logger, s, steps, global_batch)
             with _sample_log(cfg, store.local, s.epoch, dinfo.rank) as sample_log:
                 res = engine.train_epoch(loader, s, stop_after=steps, should_stop=watcher.requested,
@@ -248,9 +251,7 @@ def _train(cfg, dinfo, manifest, store, run_files, logger, state, resumed_from, 
             if first_eval:  # its first batch may start workers and warm caches: the long allowance
                 dog.expect_slow("first evaluation batch")
                 first_eval = False
-            val = engine.evaluate(unwrap(wrapped), make_val_loader(lcfg, rank=dinfo.rank, world_size=W,
-                                                                   manifest=manifest),
-                                  manifest.split("val").num_samples)
+            val = engine.evaluate(unwrap(wrapped), loaders.val(), manifest.split("val").num_samples)
             s.epoch, s.step_in_epoch = s.epoch + 1, 0
             record = {"epoch": s.epoch, "train_loss": res.loss, "train_top1": res.top1, **val,
                       "lr": optimizer.param_groups[0]["lr"], "train_images_per_s": res.samples / max(res.seconds, 1e-9),
@@ -277,6 +278,7 @@ def _train(cfg, dinfo, manifest, store, run_files, logger, state, resumed_from, 
     finally:
         dog.stop()
         watcher.stop()
+        loaders.close()
 
 
 def _log_uploader(cfg: TrainConfig, log_path: Path | None):
