@@ -98,10 +98,11 @@ def test_multi_node_waiting_for_peers_is_not_a_failure_until_the_cap(tmp_path):
         assert ok.returncode == 0, ok.stderr
         assert (tmp_path / "n").read_text().strip() == "8" and ok.stderr.count("peers not all back") == 6
         assert not (tmp_path / STATUS).exists()
-        # a peer that never comes back: the cap (1 s here), not MAX_FAILURES, ends the wait
+        # a peer that never comes back: the cap (4 s here: the loop's clock has 1 s steps), not
+            # MAX_FAILURES, ends the wait
         (tmp_path / "n").unlink()
         script = '[ "$n" -eq 1 ] && { echo 75 > "$IMAGENET_EXIT_STATUS_FILE"; exit 1; }\nsleep 0.2; exit 1'
-        env.update(TRAIN_CMD=_counted(tmp_path, script), OUTPUT="s3://b/runs/r1", WAIT_PEERS_MAX_S="1")
+        env.update(TRAIN_CMD=_counted(tmp_path, script), OUTPUT="s3://b/runs/r1", WAIT_PEERS_MAX_S="4")
         capped = _run(env)
     assert capped.returncode == 1
     assert int((tmp_path / "n").read_text()) > 3  # well past MAX_FAILURES=2

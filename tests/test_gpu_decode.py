@@ -49,7 +49,8 @@ def gpu(root: str, **kw) -> LoaderConfig:
 def raw_batches(loader) -> list[RawBatch]:
     """What the workers send under decode="gpu" (in-process, in plan order)."""
     ds = loader.dataset
-    p = ds.plan()
+    p = ds.plan(loader.epoch)
+    ds.epoch = loader.epoch  # what the loader's __getitem__ sets before load()
     return [ds.load(p, b) for b in range(loader.start_batch, loader.num_batches)]
 
 

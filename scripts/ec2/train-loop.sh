@@ -363,7 +363,7 @@ while [[ -z "$stop_requested" ]]; do
         exit "$code"
     fi
     if [[ "$code" -eq "$EXIT_LEASE_LOST" ]]; then
-        give_up train "$code" "another trainer holds the lease on $run_id: not retrying here"
+        give_up train "$code" "another trainer took over the lease on $run_id: not retrying here"
         exit "$code"
     fi
     if wait_for_peers "$code"; then
