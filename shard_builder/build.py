@@ -117,23 +117,17 @@ def _build_task(task: ShardTask) -> ShardResult:
         return done
     out = _W["output"]
     tar_url = storage.join(out, task.tar_path)
-    if storage.is_s3(out):
-        fd, tmp = tempfile.mkstemp(prefix=f"{task.name}.", suffix=".tar", dir=_W["scratch"])
-    else:
-        Path(tar_url).parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{task.name}.", suffix=".tmp", dir=Path(tar_url).parent)
-    try:
+    if not storage.is_s3(out):
         # No fsync: a resumed build re-hashes every shard it keeps, so a torn write after a
-        # power loss is caught there, and the rename below is atomic.
-        with os.fdopen(fd, "wb", buffering=1 << 20) as f:
-            idx, skipped = _write_tar(task, f)
-        if storage.is_s3(out):
+        # power loss is caught there, and the rename is atomic.
+        idx, skipped = storage.atomic_write(tar_url, lambda f: _write_tar(task, f), fsync=False)
+    else:
+        fd, tmp = tempfile.mkstemp(prefix=f"{task.name}.", suffix=".tar", dir=_W["scratch"])  # scratch, not output
+        try:
+            with os.fdopen(fd, "wb", buffering=1 << 20) as f:
+                idx, skipped = _write_tar(task, f)
             storage.upload_file(tmp, tar_url, metadata={"sha256": idx.sha256})
-        else:
-            os.chmod(tmp, storage.public_mode())
-            os.replace(tmp, tar_url)
-    finally:
-        if os.path.exists(tmp):
+        finally:
             os.unlink(tmp)
     raw = idx.to_bytes()
     storage.write_bytes(storage.join(out, task.index_path), raw)  # completion record, written last
@@ -167,7 +161,7 @@ def _prepare_output(output: str, build_args: dict, overwrite: bool) -> None:
 
 
 def _remove_temp_files(output: str) -> None:
-    """Delete shard temp files (``.train-000003.xxxx.tmp``) that a stopped worker left behind."""
+    """Delete shard temp files (``.train-000003.tar.xxxx.tmp``) that a stopped worker left behind."""
     if not storage.is_s3(output):
         for split in SPLITS:
             for stale in Path(output, split).glob(".*.tmp"):

@@ -9,7 +9,7 @@ Each shard's index sidecar is loaded lazily, checked against the manifest and ke
 life of the worker. A batch's samples are grouped by shard and contiguous index runs are
 coalesced into one byte-range read each (:func:`coalesce`); on S3 the ranges of one batch
 download in parallel on a small per-worker thread pool. Dropped connections resume from the
-byte where they stopped (``common.storage.S3Reader``).
+byte where they stopped (``common.s3.S3Reader``).
 
 With ``cache_dir`` the first read of a shard downloads the whole shard (atomically, under a
 file lock, so the workers and ranks of one machine download it once) and later epochs and

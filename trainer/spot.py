@@ -272,11 +272,11 @@ def report_exit(code: int, reason: str | None = None, environ: Mapping[str, str]
     target = env.get(EXIT_STATUS_ENV, "").strip()
     if not target:
         return
+    from common.storage import atomic_write
+
     path = Path(target)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    text = f"{int(code)}\n{(reason or '').splitlines()[0] if reason else ''}\n"
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(f"{int(code)}\n{(reason or '').splitlines()[0] if reason else ''}\n")
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: f.write(text.encode()))
     except OSError as exc:
         log.warning("could not record exit status in %s: %s", path, exc)
