@@ -29,7 +29,8 @@ from common import storage
 from common.errors import UserError
 from common.lease import DEFAULT_LEASE_SECONDS, Lease
 from common.log import setup_logging
-from common.manifest import MANIFEST_NAME, Manifest, ShardIndex, ShardInfo, SplitInfo, dumps, save, sha256_bytes
+from common.manifest import (MANIFEST_NAME, Manifest, ShardIndex, ShardInfo, SplitInfo, dumps, save, sha256_bytes,
+                             shard_problems)
 from shard_builder.images import BadImage, prepare_image
 from shard_builder.plan import DEFAULT_SHARD_MAX_BYTES, SPLITS, BuildOptions, ShardTask, make_plan
 from shard_builder.source import Reader, open_source
@@ -62,12 +63,7 @@ def _finished(task: ShardTask) -> ShardResult | None:
         idx = ShardIndex.from_bytes(raw)
     except (FileNotFoundError, ValueError, KeyError):
         return None
-    st = storage.stat(tar_url)
-    if idx.fingerprint != _W["fingerprint"] or st is None or st.size != idx.bytes:
-        return None
-    # On S3 the sha256 we computed is stored as object metadata at upload; locally re-hash.
-    sha = st.metadata.get("sha256") if storage.is_s3(tar_url) else storage.sha256_file(tar_url)
-    if sha != idx.sha256:
+    if idx.fingerprint != _W["fingerprint"] or shard_problems(tar_url, idx.bytes, idx.sha256, against="its index"):
         return None
     return ShardResult(ShardInfo(task.tar_path, len(idx), idx.bytes, idx.sha256, task.index_path, sha256_bytes(raw)),
                        idx.skipped, True)
