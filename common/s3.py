@@ -295,20 +295,6 @@ class S3Reader(io.RawIOBase):
         super().close()
 
 
-def read_range(url: str, start: int, end: int) -> bytearray:
-    """The byte range [start, end) read straight into one preallocated buffer (large reads, no
-    copies): the hot path of the training loader, where the per-byte cost matters."""
-    reader = S3Reader(url, start, end)
-    buf = bytearray(end - start)
-    view, pos = memoryview(buf), 0
-    try:
-        while pos < len(buf) and (n := reader.readinto(view[pos:])):
-            pos += n
-    finally:
-        reader.close()
-    return buf if pos == len(buf) else buf[:pos]
-
-
 # --------------------------------------------------------------------------- writing and metadata
 def put(url: str, data: bytes, metadata: dict[str, str] | None = None) -> None:
     """One PUT: S3 makes it atomic (readers see the old object or the new one)."""
@@ -332,18 +318,23 @@ def head(url: str) -> tuple[int, dict[str, str]] | None:
     bucket, key = split_s3(url)
 
     def one():
-        try:
-            resp = _client().head_object(Bucket=bucket, Key=key)
-        except Exception as exc:  # noqa: BLE001
-            if _not_found(exc):
-                return None
-            raise
-        if "ContentLength" not in resp:  # headers cut short on the way
+        resp = _unless_missing(lambda: _client().head_object(Bucket=bucket, Key=key))
+        if resp is not None and "ContentLength" not in resp:  # headers cut short on the way
             raise ConnectionError(f"HEAD {url}: response without Content-Length")
         return resp
 
     resp = retry(one, url)
     return None if resp is None else (resp["ContentLength"], dict(resp.get("Metadata", {})))
+
+
+def _unless_missing(request: Callable[[], T]) -> T | None:
+    """``request()``, or None when the object does not exist (404)."""
+    try:
+        return request()
+    except Exception as exc:  # noqa: BLE001
+        if _not_found(exc):
+            return None
+        raise
 
 
 def list_keys(url: str) -> list[str]:
@@ -373,15 +364,12 @@ def get_versioned(url: str) -> tuple[bytes, str, float | None]:
     bucket, key = split_s3(url)
 
     def get():
-        try:
-            resp = _client().get_object(Bucket=bucket, Key=key)
-        except Exception as exc:  # noqa: BLE001
-            if _not_found(exc):
-                raise FileNotFoundError(f"{url} does not exist") from None
-            raise
-        return resp, resp["Body"].read()
+        resp = _unless_missing(lambda: _client().get_object(Bucket=bucket, Key=key))
+        return (None, b"") if resp is None else (resp, resp["Body"].read())
 
     resp, data = retry(get, url)
+    if resp is None:
+        raise FileNotFoundError(f"{url} does not exist")
     age = None
     date = resp.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
     if date and resp.get("LastModified") is not None:  # both from the server: no clock skew

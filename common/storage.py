@@ -65,10 +65,22 @@ def open_read(url: str, start: int = 0, end: int | None = None) -> io.BufferedRe
 
 
 def read_bytes(url: str, start: int | None = None, end: int | None = None) -> bytes | bytearray:
-    """The whole object, or the byte range [start, end) (an S3 range: :func:`common.s3.read_range`)."""
+    """The whole object, or the byte range [start, end).
+
+    An S3 range is read straight into one preallocated buffer (large reads, no copies):
+    the hot path of the training loader, where the per-byte cost matters.
+    """
     url = str(url)
     if is_s3(url) and end is not None:
-        return s3.read_range(url, start or 0, end)
+        reader = s3.S3Reader(url, start or 0, end)
+        buf = bytearray(end - (start or 0))
+        view, pos = memoryview(buf), 0
+        try:
+            while pos < len(buf) and (n := reader.readinto(view[pos:])):
+                pos += n
+        finally:
+            reader.close()
+        return buf if pos == len(buf) else buf[:pos]
     if is_s3(url):
         with open_read(url, start or 0, end) as f:
             return f.read()

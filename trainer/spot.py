@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Mapping
 
 from common.errors import EXIT_COMPLETED, EXIT_INTERRUPTED  # noqa: F401 - re-exported; one home: common.errors
+from common.host import read_small
 
 log = logging.getLogger(__name__)
 
@@ -93,17 +94,9 @@ def looks_like_ec2(environ: Mapping[str, str] | None = None, sysfs: str | os.Pat
         return True
     root = Path(sysfs)
     for name in ("devices/virtual/dmi/id/board_vendor", "devices/virtual/dmi/id/sys_vendor"):
-        if "amazon ec2" in _read_small(root / name).lower():
+        if "amazon ec2" in read_small(root / name).lower():
             return True
-    return _read_small(root / "hypervisor/uuid").lower().startswith("ec2")
-
-
-def _read_small(path: Path) -> str:
-    try:
-        with open(path, encoding="ascii", errors="replace") as f:
-            return f.read(256).strip()
-    except OSError:
-        return ""
+    return read_small(root / "hypervisor/uuid").lower().startswith("ec2")
 
 
 # --------------------------------------------------------------------------- the watcher
