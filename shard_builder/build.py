@@ -163,7 +163,7 @@ def _run_workers(plan, src, output: str, opts: BuildOptions, workers: int, progr
     """Build (or keep) every shard of the plan on a pool of worker processes; results by shard path."""
     scratch = tempfile.mkdtemp(prefix="shard_builder-", dir=scratch_dir) if storage.is_s3(output) else None
     # fork starts workers in milliseconds; it is safe because no thread runs yet and S3
-    # clients are per process (common.storage keys them by pid).
+    # clients are per process (common.s3 keys them by pid).
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     counters = (ctx.Value("q", 0), ctx.Value("q", 0))
     stop = threading.Event()
