@@ -31,6 +31,7 @@ cut here; in training the hang watchdog bounds that.)
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import random
@@ -143,7 +144,6 @@ def _user_error(exc: BaseException, url: str) -> UserError | None:
 
 def _error_code(exc: BaseException) -> str:
     from botocore.exceptions import ClientError
-
     return exc.response.get("Error", {}).get("Code", "") if isinstance(exc, ClientError) else ""
 
 
@@ -160,15 +160,13 @@ def _backoff(failures: int) -> None:
 # --------------------------------------------------------------------------- the retry loop
 def retry(fn: Callable[[], T], what: str, *, progressed: Callable[[], bool] | None = None,
           give_up: Callable[[Exception, int], Exception] | None = None) -> T:
-    """Run ``fn`` (one S3 request) until it succeeds; the one retry loop of the project.
+    """Run ``fn`` (one S3 request) until it succeeds: the one retry loop of the project.
 
-    Transient errors are retried with backoff, at most MAX_ATTEMPTS tries *without progress*:
-    when ``progressed()`` (asked after a failed try) says the try moved data, it is retried at
-    once and not counted. Permanent S3 errors (missing bucket, no credentials, access denied)
-    surface at once as UserError; UserError, FileNotFoundError and PreconditionFailed raised
-    by ``fn`` pass through. Any other error ends the loop: raised as is, or as
-    ``give_up(exc, tries without progress)`` when given. ``what`` names the object.
-    """
+    Transient errors are retried with backoff, at most MAX_ATTEMPTS tries *without progress*
+    (a failed try after which ``progressed()`` says it moved data is retried at once, uncounted).
+    Permanent S3 errors surface at once as UserError; UserError, FileNotFoundError and
+    PreconditionFailed from ``fn`` pass through. Any other error ends the loop: raised as is,
+    or as ``give_up(exc, tries without progress)``. ``what`` names the object."""
     failures = 0
     while True:
         try:
@@ -283,12 +281,10 @@ class S3Reader(io.RawIOBase):
         return b"".join(chunks)
 
     def _drop_body(self) -> None:
-        if self._body is not None:
-            try:
-                self._body.close()
-            except Exception:  # noqa: BLE001 - closing a broken stream
-                pass
-            self._body = None
+        body, self._body = self._body, None
+        with contextlib.suppress(Exception):  # closing a broken stream
+            if body is not None:
+                body.close()
 
     def close(self):
         self._drop_body()
