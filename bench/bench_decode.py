@@ -21,7 +21,6 @@ The ratio GPU-path / CPU-path is printed for both. With a CUDA device it also ti
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -31,8 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_loader import timed_epochs  # noqa: E402
-from benchutil import machine  # noqa: E402
-from photos import make_photo_tree  # noqa: E402
+from benchutil import loader_bench_parser, photo_shards, print_setup  # noqa: E402
 
 
 def per_cpu_second(fn, items, repeats: int) -> float:
@@ -102,33 +100,16 @@ def cuda_rate(raws, repeats: int) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workdir", default="/tmp/imagenet-bench")
-    p.add_argument("--images", type=int, default=1000, help="train images (10 classes)")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=64)
+    p = loader_bench_parser(__doc__, images=1000)
     p.add_argument("--size", type=int, default=224)
-    p.add_argument("--repeats", type=int, default=3)
     a = p.parse_args()
 
     import torch
 
-    from common import manifest as mf
-    from shard_builder.build import build_shards
     from trainer.data import LoaderConfig, make_train_loader
 
-    work = Path(a.workdir)
-    per_class = max(1, a.images // 10)
-    tree = make_photo_tree(work / "loader-tree", 10, per_class, max(1, per_class // 10))
-    shards = work / f"loader-shards-{per_class}"
-    if not (shards / mf.MANIFEST_NAME).exists():
-        build_shards(str(tree), str(shards), shard_max_bytes=16 * 10**6, workers=a.workers, overwrite=True)
-    m = mf.load(str(shards))
-    train = m.split("train")
-    print(f"machine: {machine()}")
-    print(f"data: {train.num_samples} train photos in {len(train.shards)} shards, "
-          f"{sum(s.bytes for s in train.shards) / train.num_samples / 1e3:.0f} KB each; "
-          f"output {a.size}x{a.size}, batch {a.batch_size}\n")
+    _, shards, m = photo_shards(a.workdir, a.images, a.workers)
+    print_setup(m, f"output {a.size}x{a.size}, batch {a.batch_size}")
     torch.set_num_threads(1)
 
     def cfg(decode: str, workers: int = 0) -> LoaderConfig:

@@ -21,7 +21,6 @@ in the loader and per image on one core, which is how the default was chosen.
 """
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import resource
@@ -34,9 +33,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchutil import machine  # noqa: E402
+from benchutil import loader_bench_parser, photo_shards, print_setup  # noqa: E402
 from common.local_s3 import LocalS3  # noqa: E402
-from photos import make_photo_tree  # noqa: E402
 
 
 def cpu_seconds(*pids: int) -> float:
@@ -115,13 +113,7 @@ def per_image(fn, items, repeats: int) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workdir", default="/tmp/imagenet-bench")
-    p.add_argument("--images", type=int, default=2000, help="train images (10 classes)")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
-    a = p.parse_args()
+    a = loader_bench_parser(__doc__, images=2000).parse_args()
 
     import simplejpeg
     import torch
@@ -131,22 +123,12 @@ def main() -> None:
 
     from common import manifest as mf
     from common import storage
-    from shard_builder.build import build_shards
     from trainer.data import LoaderConfig, make_train_loader
     from trainer.presets import DeviceColorJitter, DeviceNormalize, TrainPreset, jitter_generator
 
-    work = Path(a.workdir)
-    per_class = max(1, a.images // 10)
-    tree = make_photo_tree(work / "loader-tree", 10, per_class, max(1, per_class // 10))
-    shards = work / f"loader-shards-{per_class}"
-    if not (shards / mf.MANIFEST_NAME).exists():
-        build_shards(str(tree), str(shards), shard_max_bytes=16 * 10**6, workers=a.workers, overwrite=True)
-    m = mf.load(str(shards))
+    tree, shards, m = photo_shards(a.workdir, a.images, a.workers)
     train = m.split("train")
-    print(f"machine: {machine()}")
-    print(f"data: {train.num_samples} train photos in {len(train.shards)} shards, "
-          f"{sum(s.bytes for s in train.shards) / train.num_samples / 1e3:.0f} KB each; "
-          f"{a.workers} DataLoader workers, batch {a.batch_size}, output 224x224\n")
+    print_setup(m, f"{a.workers} DataLoader workers, batch {a.batch_size}, output 224x224")
     torch.set_num_threads(1)
 
     moto = LocalS3().start()  # the loopback moto server (common.local_s3), stopped by pid below

@@ -35,3 +35,7 @@ class UserError(Exception):
     def __init__(self, message: str, exit_code: int = EXIT_USAGE):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class PreconditionFailed(Exception):
+    """A conditional write lost: the object already exists (create) or changed (replace)."""

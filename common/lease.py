@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import threading
 import time
 import uuid
@@ -28,14 +27,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from common import storage
+from common import host, storage
 from common.errors import EXIT_LEASE_LOST, EXIT_USAGE, UserError
+from common.host import HOST_ENV  # noqa: F401 - names this machine in the lease (part of this API)
 
 log = logging.getLogger(__name__)
 LEASE_NAME = "lease.json"
 LOCK_NAME = ".lease.lock"
 DEFAULT_LEASE_SECONDS = 300.0
-HOST_ENV = "IMAGENET_LEASE_HOST"  # names this machine in the lease (default: EC2 instance id or hostname)
 
 _child_fds: set[int] = set()  # lock fds a forked child must not keep (it would outlive a killed holder)
 
@@ -67,69 +66,15 @@ class LeaseLost(UserError):
 
 
 # --------------------------------------------------------------------------- who we are
-def _read(path: str) -> str:
-    try:
-        with open(path, encoding="ascii", errors="replace") as f:
-            return f.read(256).strip()
-    except OSError:
-        return ""
-
-
-def host_id() -> str:
-    """``$IMAGENET_LEASE_HOST``, else the EC2 instance id (Nitro DMI asset tag, a local file), else the hostname."""
-    tag = _read("/sys/devices/virtual/dmi/id/board_asset_tag")
-    return os.environ.get(HOST_ENV) or (tag if tag.startswith("i-") else socket.gethostname())
-
-
-def _machine() -> str:
-    """A hash of /etc/machine-id (the id itself is meant to stay private): tells same-named hosts apart."""
-    import hashlib
-
-    mid = _read("/etc/machine-id")
-    return hashlib.sha256(f"imagenet-spot-lease:{mid}".encode()).hexdigest()[:16] if mid else ""
-
-
-def _boot_time() -> int:
-    for line in _read_all("/proc/stat").splitlines():
-        if line.startswith("btime "):
-            return int(line.split()[1])
-    return 0
-
-
-def _read_all(path: str) -> str:
-    try:
-        return Path(path).read_text(errors="replace")
-    except OSError:
-        return ""
-
-
-def pid_start(pid: int) -> int | None:
-    """Start time of ``pid`` in clock ticks since boot (tells a reused pid apart); None if it has exited."""
-    stat = _read_all(f"/proc/{pid}/stat")
-    if not stat:
-        return None
-    try:
-        fields = stat.rsplit(")", 1)[1].split()
-        return None if fields[0] in ("Z", "X") else int(fields[19])  # a zombie has exited
-    except (IndexError, ValueError):
-        return None
-
-
-def _pid_ns() -> str:
-    try:
-        return os.readlink("/proc/self/ns/pid")
-    except OSError:
-        return ""
-
-
 def _iso(t: float) -> str:
     return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def identity(what: str) -> dict:
     """This process as a lease holder (no secrets: names, ids and times only)."""
-    return {"what": what, "host": host_id(), "machine": _machine(), "boot_id": _read("/proc/sys/kernel/random/boot_id"),
-            "boot_time": _boot_time(), "pid_ns": _pid_ns(), "pid": os.getpid(), "pid_start": pid_start(os.getpid()),
+    return {"what": what, "host": host.host_id(), "machine": host.machine_hash(), "boot_id": host.boot_id(),
+            "boot_time": host.boot_time(), "pid_ns": host.pid_ns(), "pid": os.getpid(),
+            "pid_start": host.pid_start(os.getpid()),
             "started_at": _iso(time.time())}
 
 
@@ -141,7 +86,7 @@ def judge(other: dict, age_s: float | None, me: dict, lease_seconds: float) -> s
         if other.get("boot_id") != me["boot_id"] and int(other.get("boot_time") or 0) < me["boot_time"]:
             return "its machine has rebooted since"
         if other.get("boot_id") == me["boot_id"] and other.get("pid_ns") == me["pid_ns"]:
-            pid, started = int(other.get("pid") or 0), pid_start(int(other.get("pid") or 0))
+            pid, started = int(other.get("pid") or 0), host.pid_start(int(other.get("pid") or 0))
             if pid <= 0 or started is None or other.get("pid_start") not in (None, started):
                 return f"its process {pid} is gone"
     limit = float(other.get("lease_seconds") or lease_seconds)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from common import storage
@@ -204,12 +205,55 @@ class ShardIndex:
                       "samples": rows, "skipped": self.skipped, "fingerprint": self.fingerprint})
 
 
-def load_index(manifest: Manifest, shard: ShardInfo, verify: bool = True) -> ShardIndex:
-    """Read a shard's index sidecar, checked against the manifest's checksum."""
-    raw = storage.read_bytes(manifest.url(shard.index))
-    if verify and sha256_bytes(raw) != shard.index_sha256:
-        raise UserError(f"{manifest.url(shard.index)} does not match the manifest checksum: rebuild or re-upload it")
-    idx = ShardIndex.from_bytes(raw)
-    if len(idx) != shard.num_samples:
-        raise UserError(f"{manifest.url(shard.index)} lists {len(idx)} samples, manifest says {shard.num_samples}")
+def load_index(manifest: Manifest, shard: ShardInfo, *, cache: Path | None = None) -> ShardIndex:
+    """The one index loader: a shard's sidecar, checked against the manifest.
+
+    With ``cache`` (a local file), a copy there whose checksum matches is used; otherwise the
+    sidecar is read from the build and written there (atomically; racing writers write
+    identical bytes). Checked: the manifest's checksum, that it parses, and that it describes
+    the manifest's shard (sample count, bytes, sha256). Any mismatch, or a missing sidecar, is
+    a UserError naming the file.
+    """
+    url = manifest.url(shard.index)
+    raw = cache.read_bytes() if cache is not None and cache.exists() else None
+    if raw is None or sha256_bytes(raw) != shard.index_sha256:
+        try:
+            raw = storage.read_bytes(url)
+        except (FileNotFoundError, NotADirectoryError):
+            raise UserError(f"index {url} of shard {manifest.url(shard.path)} is missing: rebuild or re-upload "
+                            "the shards") from None
+        if sha256_bytes(raw) != shard.index_sha256:
+            raise UserError(f"index {url} does not match the manifest checksum: rebuild or re-upload it")
+        if cache is not None:
+            storage.write_bytes(str(cache), raw)
+    try:
+        idx = ShardIndex.from_bytes(raw)
+    except (ValueError, KeyError, TypeError) as exc:  # json.JSONDecodeError is a ValueError
+        raise UserError(f"index {url} is invalid ({exc}): rebuild the shards") from None
+    if len(idx) != shard.num_samples or idx.bytes != shard.bytes or idx.sha256 != shard.sha256:
+        raise UserError(f"index {url} does not describe shard {manifest.url(shard.path)} of the manifest "
+                        f"({len(idx)} samples, {idx.bytes} bytes; manifest: {shard.num_samples}, {shard.bytes})")
     return idx
+
+
+def shard_problems(url: str, size: int, sha256: str, *, digest: str | None = None,
+                   against: str = "the manifest") -> list[str]:
+    """The one "is this shard intact" check: what is wrong with the shard at ``url`` compared
+    with its record (``size`` bytes, SHA-256 ``sha256``, from ``against``); [] when intact.
+
+    The SHA-256 compared is ``digest`` when the caller hashed the shard while reading it
+    (verify streams each tar once), else, on S3, the ``sha256`` metadata the builder stored at
+    upload (no download), else the local file's hash. Without ``digest`` a wrong size is
+    reported without hashing.
+    """
+    st = storage.stat(url)
+    if st is None:
+        return ["missing"]
+    problems = [] if st.size == size else [f"{st.size} bytes, {against} says {size}"]
+    if problems and digest is None:
+        return problems
+    if digest is None:
+        digest = st.metadata.get("sha256") if storage.is_s3(url) else storage.sha256_file(url)
+    if digest != sha256:
+        problems.append(f"sha256 differs from {against}")
+    return problems

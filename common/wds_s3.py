@@ -8,7 +8,7 @@
     loader = DataLoader(ds, num_workers=4, multiprocessing_context="spawn",
                         worker_init_fn=wds_s3.worker_init_fn)  # spawn workers register themselves
 
-Reads go through :class:`common.storage.S3Reader`: when a connection drops mid-shard the read
+Reads go through :class:`common.s3.S3Reader`: when a connection drops mid-shard the read
 reopens the object with an HTTP Range from the byte where it stopped, with bounded retries and
 backoff, and finally fails with an error naming the shard. Writes (``ShardWriter("s3://...")``)
 spool to a local temp file and upload on a clean close, so a crash never leaves a partial

@@ -4,14 +4,15 @@
 
 Each stage module exposes ``add_parser(subparsers)`` which registers its subcommand and
 sets ``func`` to a ``run(args) -> int`` callable; the return value is the exit code.
-Errors a user can fix are raised as ``common.errors.UserError`` and printed as one line.
+Errors a user can fix are raised as ``common.errors.UserError`` and printed as one line
+(common.cli).
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from common.errors import UserError
+from common import cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,14 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted: rerun the same command to resume", file=sys.stderr)
-        return 130
+    return cli.run(lambda: args.func(args), interrupted="rerun the same command to resume")
 
 
 if __name__ == "__main__":

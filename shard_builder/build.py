@@ -3,8 +3,8 @@
     python -m shard_builder build --source ~/imagenet --output s3://bucket/in-10pct --subset-percentage 10
     python -m shard_builder build --source ~/imagenet-object-localization-challenge.zip --output /data/shards
 
-Each shard is built by one worker process from the pure plan (shard_builder.plan):
-write the tar, then its index sidecar. The sidecar is the shard's completion record, so
+Each shard is built by one worker process (shard_builder.worker) from the pure plan
+(shard_builder.plan): write the tar, then its index sidecar. The sidecar is the shard's completion record, so
 a rerun after Ctrl-C, ``kill -9`` or a lost instance keeps every shard whose size and
 SHA-256 check out and builds only the rest. With an S3 output each shard is uploaded as
 soon as it is finished and its local scratch copy removed, so scratch space stays under
@@ -21,7 +21,6 @@ import shutil
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -29,119 +28,15 @@ from common import storage
 from common.errors import UserError
 from common.lease import DEFAULT_LEASE_SECONDS, Lease
 from common.log import setup_logging
-from common.manifest import MANIFEST_NAME, Manifest, ShardIndex, ShardInfo, SplitInfo, dumps, save, sha256_bytes
-from shard_builder.images import BadImage, prepare_image
-from shard_builder.plan import DEFAULT_SHARD_MAX_BYTES, SPLITS, BuildOptions, ShardTask, make_plan
-from shard_builder.source import Reader, open_source
+from common.manifest import MANIFEST_NAME, Manifest, SplitInfo, dumps, save
+from shard_builder import worker
+from shard_builder.plan import DEFAULT_SHARD_MAX_BYTES, SPLITS, BuildOptions, make_plan
+from shard_builder.source import open_source
+from shard_builder.worker import ShardResult
 
 STATE_NAME = ".build-state.json"
 
 
-@dataclass(frozen=True)
-class ShardResult:
-    info: ShardInfo
-    skipped: list[dict]
-    reused: bool
-
-
-# --------------------------------------------------------------------------- worker side
-_W: dict = {}  # per-worker-process context, set once by _init_worker
-
-
-def _init_worker(reader: Reader, output: str, opts: BuildOptions, fingerprint: str, scratch: str | None,
-                 counters) -> None:
-    _W.update(reader=reader, output=output, opts=opts, fingerprint=fingerprint, scratch=scratch, counters=counters)
-
-
-def _finished(task: ShardTask) -> ShardResult | None:
-    """The shard's result if a previous run finished it and it still checks out."""
-    out = _W["output"]
-    idx_url, tar_url = storage.join(out, task.index_path), storage.join(out, task.tar_path)
-    try:
-        raw = storage.read_bytes(idx_url)
-        idx = ShardIndex.from_bytes(raw)
-    except (FileNotFoundError, ValueError, KeyError):
-        return None
-    st = storage.stat(tar_url)
-    if idx.fingerprint != _W["fingerprint"] or st is None or st.size != idx.bytes:
-        return None
-    # On S3 the sha256 we computed is stored as object metadata at upload; locally re-hash.
-    sha = st.metadata.get("sha256") if storage.is_s3(tar_url) else storage.sha256_file(tar_url)
-    if sha != idx.sha256:
-        return None
-    return ShardResult(ShardInfo(task.tar_path, len(idx), idx.bytes, idx.sha256, task.index_path, sha256_bytes(raw)),
-                       idx.skipped, True)
-
-
-def _write_tar(task: ShardTask, f) -> tuple[ShardIndex, list[dict]]:
-    from shard_builder.writer import ShardWriter
-
-    opts: BuildOptions = _W["opts"]
-    writer = ShardWriter(f)
-    rows, skipped = [], []
-    done_images = done_bytes = 0
-    for s in task.samples:
-        try:
-            prepared = prepare_image(_W["reader"].read(s.ref), opts.resize_max_side, opts.jpeg_quality)
-        except BadImage as exc:
-            skipped.append({"split": task.split, "path": s.ref.relpath, "reason": str(exc)})
-            continue
-        meta = json.dumps({"wnid": s.wnid, "imagenet_index": s.imagenet_index, "source": s.ref.relpath,
-                           "width": prepared.width, "height": prepared.height, "label": s.label},
-                          sort_keys=True, separators=(",", ":")).encode()
-        start, end, jpg_off, jpg_size = writer.add(s.key, prepared.data, s.label, meta)
-        rows.append((s.key, start, end, jpg_off, jpg_size, s.label))
-        done_images, done_bytes = done_images + 1, done_bytes + s.ref.size
-        if done_images % 64 == 0 or s is task.samples[-1]:
-            _count(done_images, done_bytes)
-            done_images = done_bytes = 0
-    _count(done_images, done_bytes)
-    size, sha = writer.close()
-    cols = [list(c) for c in zip(*rows)] if rows else [[] for _ in range(6)]
-    return ShardIndex(task.name + ".tar", size, sha, *cols, skipped, _W["fingerprint"]), skipped
-
-
-def _count(images: int, nbytes: int) -> None:
-    """Add to the shared progress counters (batched: each update takes a lock)."""
-    if images:
-        img_counter, byte_counter = _W["counters"]
-        with img_counter.get_lock():
-            img_counter.value += images
-        with byte_counter.get_lock():
-            byte_counter.value += nbytes
-
-
-def _build_task(task: ShardTask) -> ShardResult:
-    done = _finished(task)
-    if done is not None:
-        return done
-    out = _W["output"]
-    tar_url = storage.join(out, task.tar_path)
-    if storage.is_s3(out):
-        fd, tmp = tempfile.mkstemp(prefix=f"{task.name}.", suffix=".tar", dir=_W["scratch"])
-    else:
-        Path(tar_url).parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{task.name}.", suffix=".tmp", dir=Path(tar_url).parent)
-    try:
-        # No fsync: a resumed build re-hashes every shard it keeps, so a torn write after a
-        # power loss is caught there, and the rename below is atomic.
-        with os.fdopen(fd, "wb", buffering=1 << 20) as f:
-            idx, skipped = _write_tar(task, f)
-        if storage.is_s3(out):
-            storage.upload_file(tmp, tar_url, metadata={"sha256": idx.sha256})
-        else:
-            os.chmod(tmp, storage.public_mode())
-            os.replace(tmp, tar_url)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    raw = idx.to_bytes()
-    storage.write_bytes(storage.join(out, task.index_path), raw)  # completion record, written last
-    return ShardResult(ShardInfo(task.tar_path, len(idx), idx.bytes, idx.sha256, task.index_path, sha256_bytes(raw)),
-                       skipped, False)
-
-
-# --------------------------------------------------------------------------- main side
 def _prepare_output(output: str, build_args: dict, overwrite: bool) -> None:
     """Refuse a DEST holding a different build (unless overwrite); record ours; clean temp files."""
     storage.check_writable(output)
@@ -167,7 +62,7 @@ def _prepare_output(output: str, build_args: dict, overwrite: bool) -> None:
 
 
 def _remove_temp_files(output: str) -> None:
-    """Delete shard temp files (``.train-000003.xxxx.tmp``) that a stopped worker left behind."""
+    """Delete shard temp files (``.train-000003.tar.xxxx.tmp``) that a stopped worker left behind."""
     if not storage.is_s3(output):
         for split in SPLITS:
             for stale in Path(output, split).glob(".*.tmp"):
@@ -243,9 +138,32 @@ def _build(source: str, output: str, opts: BuildOptions, workers: int, overwrite
              + ", ".join(f"{s}: {n} images" for s, n in plan.num_samples.items())
              + f"; {len(plan.tasks)} shards; {workers} workers -> {output}")
 
+    results = _run_workers(plan, src, output, opts, workers, progress, scratch_dir, lease, log)
+    manifest = _write_manifest(plan, opts, results, output, lease)
+
+    elapsed = time.time() - started
+    built = [r for r in results.values() if not r.reused]
+    total_bytes = sum(r.info.bytes for r in results.values())
+    log.info(f"done in {elapsed:.1f}s: {len(plan.classes)} classes; "
+             + "; ".join(f"{s}: {i.num_samples} samples in {len(i.shards)} shards" for s, i in manifest.splits.items())
+             + f"; {total_bytes / 1e6:.1f} MB; {len(built)} shards built, {len(results) - len(built)} kept; "
+             f"{len(manifest.skipped)} source files skipped; {sum(plan.num_samples.values()) / elapsed:.0f} img/s, "
+             f"{plan.source_bytes / 1e6 / elapsed:.1f} MB/s")
+    for s in manifest.skipped:
+        log.info(f"skipped {s['path']}: {s['reason']}")
+    if storage.is_s3(output) and not log_file:
+        log.handlers[-1].flush()
+        storage.upload_file(local_log, storage.join(output, "logs", Path(local_log).name))
+    log.info(f"manifest: {storage.join(output, MANIFEST_NAME)}; log: {local_log}")
+    return manifest
+
+
+def _run_workers(plan, src, output: str, opts: BuildOptions, workers: int, progress: bool, scratch_dir: str | None,
+                 lease: Lease, log) -> dict[str, ShardResult]:
+    """Build (or keep) every shard of the plan on a pool of worker processes; results by shard path."""
     scratch = tempfile.mkdtemp(prefix="shard_builder-", dir=scratch_dir) if storage.is_s3(output) else None
     # fork starts workers in milliseconds; it is safe because no thread runs yet and S3
-    # clients are per process (common.storage keys them by pid).
+    # clients are per process (common.s3 keys them by pid).
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     counters = (ctx.Value("q", 0), ctx.Value("q", 0))
     stop = threading.Event()
@@ -253,11 +171,11 @@ def _build(source: str, output: str, opts: BuildOptions, workers: int, overwrite
                                                     progress), daemon=True)
     results: dict[str, ShardResult] = {}
     try:
-        with ctx.Pool(workers, initializer=_init_worker,
+        with ctx.Pool(workers, initializer=worker.start,
                       initargs=(src.opener(), output, opts, plan.fingerprint, scratch, counters)) as pool:
             bar.start()
             lease.start_renewing()  # after the fork of the workers, like the progress thread
-            pending = pool.imap_unordered(_build_task, plan.tasks, chunksize=1)  # one shard per task
+            pending = pool.imap_unordered(worker.build_task, plan.tasks, chunksize=1)  # one shard per task
             while (res := _next_result(pending, lease)) is not None:
                 results[res.info.path] = res
                 log.debug(f"{'kept' if res.reused else 'built'} {res.info.path}: {res.info.num_samples} samples, "
@@ -274,7 +192,11 @@ def _build(source: str, output: str, opts: BuildOptions, workers: int, overwrite
             bar.join()
         if scratch:
             shutil.rmtree(scratch, ignore_errors=True)
+    return results
 
+
+def _write_manifest(plan, opts: BuildOptions, results: dict[str, ShardResult], output: str, lease: Lease) -> Manifest:
+    """The manifest of the finished shards, written last (only while the lease is still ours)."""
     splits_info, skipped = {}, list(plan.skipped)
     for split in opts.splits:
         shards = [results[t.tar_path] for t in plan.tasks if t.split == split]
@@ -288,21 +210,6 @@ def _build(source: str, output: str, opts: BuildOptions, workers: int, overwrite
     lease.renew()  # LeaseLost (exit 77) if another build took over: then no manifest from this one
     save(manifest, output)  # last: its presence marks a finished build
     storage.delete(storage.join(output, STATE_NAME))
-
-    elapsed = time.time() - started
-    built = [r for r in results.values() if not r.reused]
-    total_bytes = sum(r.info.bytes for r in results.values())
-    log.info(f"done in {elapsed:.1f}s: {len(plan.classes)} classes; "
-             + "; ".join(f"{s}: {i.num_samples} samples in {len(i.shards)} shards" for s, i in splits_info.items())
-             + f"; {total_bytes / 1e6:.1f} MB; {len(built)} shards built, {len(results) - len(built)} kept; "
-             f"{len(skipped)} source files skipped; {sum(plan.num_samples.values()) / elapsed:.0f} img/s, "
-             f"{plan.source_bytes / 1e6 / elapsed:.1f} MB/s")
-    for s in skipped:
-        log.info(f"skipped {s['path']}: {s['reason']}")
-    if storage.is_s3(output) and not log_file:
-        log.handlers[-1].flush()
-        storage.upload_file(local_log, storage.join(output, "logs", Path(local_log).name))
-    log.info(f"manifest: {storage.join(output, MANIFEST_NAME)}; log: {local_log}")
     return manifest
 
 

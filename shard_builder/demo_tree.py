@@ -32,17 +32,14 @@ Ordinary val images take numbers 3..last-1, assigned to classes in shuffled orde
 from __future__ import annotations
 
 import argparse
-import colorsys
-import io
-import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from common.errors import UserError
+from shard_builder.demo_images import annotation_xml, box, class_style, encode, render, truncate
 
 _REAL = """\
 n01440764 tench, Tinca tinca
@@ -148,84 +145,6 @@ def choose_classes(n: int) -> tuple[list[str], dict[str, str]]:
     return sorted(names), names
 
 
-def _class_style(index: int, count: int) -> dict:
-    """Crop-robust signature of class ``index``: hue pair, saturation, pattern, angle, frequency."""
-    hue = index / count
-    return {
-        "hue": hue, "hue2": (hue + 0.35 + 0.3 * ((index * 7) % 5) / 4) % 1.0,
-        "sat": 0.55 + 0.4 * ((index * 3) % 4) / 3, "kind": index % 4,
-        "angle": math.radians((index * 47) % 180), "freq": 2.5 + (index * 5) % 7,
-    }
-
-
-def _render(rng: np.random.Generator, style: dict, width: int, height: int, noise: np.ndarray) -> np.ndarray:
-    """An RGB uint8 image: the class pattern with per-image jitter, lighting and noise.
-
-    ``noise`` is a bank of unit Gaussian noise larger than any image; each image takes a
-    random window of it (drawing fresh noise per image was most of the generation time).
-    """
-    scale = max(width, height)
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32) / scale
-    angle = style["angle"] + float(rng.normal(0, 0.12))
-    freq = style["freq"] * float(rng.uniform(0.85, 1.15))
-    ph1, ph2 = (float(x) for x in rng.uniform(0, 2 * math.pi, 2))
-    u = xx * math.cos(angle) + yy * math.sin(angle)
-    v = -xx * math.sin(angle) + yy * math.cos(angle)
-    two_pi_f = 2 * math.pi * freq
-    kind = style["kind"]
-    if kind == 0:    # stripes
-        p = np.sin(two_pi_f * u + ph1)
-    elif kind == 1:  # checker
-        p = np.sin(two_pi_f * u + ph1) * np.sin(two_pi_f * v + ph2) * 2
-    elif kind == 2:  # rings around a random centre
-        cx, cy = (float(x) for x in rng.uniform(0.2, 0.8, 2))
-        p = np.sin(two_pi_f * np.hypot(xx - cx, yy - cy) + ph1)
-    else:            # wavy stripes
-        p = np.sin(two_pi_f * u + 1.8 * np.sin(two_pi_f * 0.5 * v + ph2) + ph1)
-    p = np.clip(p * float(rng.uniform(0.5, 1.25)) + 0.5, 0.0, 1.0)[..., None]
-    jitter = float(rng.normal(0, 0.012))
-    col_a = np.array(colorsys.hsv_to_rgb((style["hue"] + jitter) % 1.0, style["sat"], 0.95), np.float32)
-    col_b = np.array(colorsys.hsv_to_rgb((style["hue2"] + jitter) % 1.0, 0.5, 0.35), np.float32)
-    img = (p * col_a + (1 - p) * col_b) * 255.0
-    gx, gy = (float(x) for x in rng.normal(0, 0.3, 2))
-    light = float(rng.uniform(0.75, 1.15)) * (1 + gx * (xx - 0.5) + gy * (yy - 0.5))
-    oy, ox = rng.integers(0, noise.shape[0] - height), rng.integers(0, noise.shape[1] - width)
-    img = img * light[..., None] + noise[oy:oy + height, ox:ox + width] * float(rng.uniform(5, 14))
-    return np.clip(img, 0, 255).astype(np.uint8)
-
-
-def _encode(arr: np.ndarray, rng: np.random.Generator, fmt: str = "JPEG", mode: str = "RGB") -> bytes:
-    img = Image.fromarray(arr).convert(mode)
-    buf = io.BytesIO()
-    if fmt == "PNG":
-        img.save(buf, "PNG")
-    else:
-        img.save(buf, "JPEG", quality=int(rng.integers(75, 96)), subsampling=2)
-    return buf.getvalue()
-
-
-def _truncate(jpeg: bytes) -> bytes:
-    """Keep the headers and half of the entropy-coded scan, as an interrupted copy would."""
-    sos = jpeg.index(b"\xff\xda")
-    return jpeg[: sos + (len(jpeg) - sos) // 2]
-
-
-def _box(rng: np.random.Generator, w: int, h: int) -> tuple[int, int, int, int]:
-    x0, y0 = int(rng.integers(0, w // 3)), int(rng.integers(0, h // 3))
-    return x0, y0, int(rng.integers(2 * w // 3, w)), int(rng.integers(2 * h // 3, h))
-
-
-def _xml(folder: str, stem: str, size: tuple[int, int], wnid: str, boxes: list) -> str:
-    objs = "".join(
-        f"\t<object>\n\t\t<name>{wnid}</name>\n\t\t<pose>Unspecified</pose>\n\t\t<truncated>0</truncated>\n"
-        f"\t\t<difficult>0</difficult>\n\t\t<bndbox>\n\t\t\t<xmin>{b[0]}</xmin>\n\t\t\t<ymin>{b[1]}</ymin>\n"
-        f"\t\t\t<xmax>{b[2]}</xmax>\n\t\t\t<ymax>{b[3]}</ymax>\n\t\t</bndbox>\n\t</object>\n" for b in boxes)
-    return (f"<annotation>\n\t<folder>{folder}</folder>\n\t<filename>{stem}</filename>\n\t<source>\n"
-            f"\t\t<database>ILSVRC_2012</database>\n\t</source>\n\t<size>\n\t\t<width>{size[0]}</width>\n"
-            f"\t\t<height>{size[1]}</height>\n\t\t<depth>3</depth>\n\t</size>\n\t<segmented>0</segmented>\n"
-            f"{objs}</annotation>\n")
-
-
 def _prepare_dest(dest: Path, overwrite: bool) -> None:
     if dest.exists() and not dest.is_dir():
         raise UserError(f"{dest} is a file; give a folder to write the demo tree into")
@@ -254,124 +173,151 @@ def write_demo_tree(dest, classes: int = 20, train_per_class: int = 40, val_per_
         raise UserError(f"--seed must be a non-negative integer, got {seed}")
     root = Path(dest)
     _prepare_dest(root, overwrite)
-    wnids, names = choose_classes(classes)
-    styles = {w: _class_style(i, classes) for i, w in enumerate(wnids)}
-    rng = np.random.default_rng(seed)
-    noise = rng.standard_normal((400, 400, 3), dtype=np.float32)
-    total = 0
+    t = _TreeWriter(root, classes, seed)
+    boxed = t.train_images(train_per_class)
+    t.quirk_files()
+    val_rows, last = t.val_images(val_per_class)
+    test = t.test_images(test_images)
+    t.metadata(boxed, val_rows, last, test)
+    return DemoTreeInfo(root=root, wnids=t.wnids, names=t.names, train=t.train, val=t.val, bad=t.bad,
+                        ignored=[t.quirks["non_jpeg"], t.quirks["non_jpeg_val"]], quirks=t.quirks,
+                        test=test, total_bytes=t.total)
 
-    def write(rel: str, data: bytes | str) -> None:
-        nonlocal total
+
+class _TreeWriter:
+    """Writes the tree's files in a fixed order from one seeded generator (the order of the
+    calls is part of the output: same arguments, byte-identical files)."""
+
+    def __init__(self, root: Path, classes: int, seed: int):
+        self.root, self.classes = root, classes
+        self.wnids, self.names = choose_classes(classes)
+        self.styles = {w: class_style(i, classes) for i, w in enumerate(self.wnids)}
+        self.rng = np.random.default_rng(seed)
+        self.noise = self.rng.standard_normal((400, 400, 3), dtype=np.float32)
+        self.total = 0
+        self.train: dict[str, str] = {}
+        self.val: dict[str, str] = {}
+        self.bad: dict[str, str] = {}
+        self.quirks: dict[str, str] = {}
+        self.sizes: dict[str, tuple[int, int]] = {}
+
+    def write(self, rel: str, data: bytes | str) -> None:
         raw = data.encode() if isinstance(data, str) else data
-        path = root / rel
+        path = self.root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(raw)
-        total += len(raw)
+        self.total += len(raw)
 
-    def image(wnid: str, mode: str = "RGB", fmt: str = "JPEG") -> tuple[bytes, tuple[int, int]]:
-        w, h = (int(x) for x in rng.integers(96, 201, 2))
-        return _encode(_render(rng, styles[wnid], w, h, noise), rng, fmt, mode), (w, h)
+    def image(self, wnid: str, mode: str = "RGB", fmt: str = "JPEG") -> tuple[bytes, tuple[int, int]]:
+        w, h = (int(x) for x in self.rng.integers(96, 201, 2))
+        return encode(render(self.rng, self.styles[wnid], w, h, self.noise), self.rng, fmt, mode), (w, h)
 
-    train: dict[str, str] = {}
-    bad: dict[str, str] = {}
-    quirks: dict[str, str] = {}
-    sizes: dict[str, tuple[int, int]] = {}
-    for wnid in wnids:  # ordinary train images: <wnid>_<n>.JPEG, n random, distinct, varying width
-        numbers: set[int] = set()
-        while len(numbers) < train_per_class:
-            n = int(10 ** rng.uniform(1.0, 4.6))
-            if n not in _RESERVED:
-                numbers.add(n)
-        for n in sorted(numbers):
-            rel = f"{TRAIN_DIR}/{wnid}/{wnid}_{n}.JPEG"
-            data, sizes[rel] = image(wnid)
-            write(rel, data)
-            train[rel] = wnid
-    boxed = [rel for rel in train if rng.random() < 0.4]  # only part of train has boxes
-    for i, (kind, preferred, n, ext) in enumerate(_TRAIN_QUIRKS):
-        wnid = preferred if preferred in names else wnids[i % classes]
-        rel = f"{TRAIN_DIR}/{wnid}/{wnid}_{n}{ext}"
-        quirks[kind] = rel
-        if kind == "undecodable":
-            write(rel, b"\x00\xffJUNK\x00\x00" + rng.bytes(int(rng.integers(2000, 6000))))
-            bad[rel] = "undecodable: not an image"
-            continue
-        mode = {"cmyk_train": "CMYK", "gray_train": "L"}.get(kind, "RGB")
-        data, _ = image(wnid, mode, "PNG" if kind == "png" else "JPEG")
-        if kind == "truncated":
-            write(rel, _truncate(data))
-            bad[rel] = "truncated JPEG"
-            continue
-        write(rel, data)
-        train[rel] = wnid
-    quirks["non_jpeg"] = f"{TRAIN_DIR}/{wnids[0]}/notes.txt"
-    quirks["non_jpeg_val"] = f"{VAL_DIR}/.DS_Store"
-    write(quirks["non_jpeg"], "Notes kept next to the images; not part of the data set.\n")
-    write(quirks["non_jpeg_val"], b"\x00\x00\x00\x01Bud1" + rng.bytes(64))
+    def train_images(self, per_class: int) -> list[str]:
+        """Ordinary train images ``<wnid>_<n>.JPEG`` (n random, distinct); returns those with boxes."""
+        rng = self.rng
+        for wnid in self.wnids:
+            numbers: set[int] = set()
+            while len(numbers) < per_class:
+                n = int(10 ** rng.uniform(1.0, 4.6))
+                if n not in _RESERVED:
+                    numbers.add(n)
+            for n in sorted(numbers):
+                rel = f"{TRAIN_DIR}/{wnid}/{wnid}_{n}.JPEG"
+                data, self.sizes[rel] = self.image(wnid)
+                self.write(rel, data)
+                self.train[rel] = wnid
+        return [rel for rel in self.train if rng.random() < 0.4]  # only part of train has boxes
 
-    # val: FLAT folder, numbers 1..last; labels only in LOC_val_solution.csv
-    plain = [w for w in wnids for _ in range(val_per_class)]
-    rng.shuffle(plain)
-    last = len(plain) + 3
-    cmyk_class = "n01739381" if "n01739381" in names else wnids[0]
-    val_plan = [(1, cmyk_class, "CMYK"), (2, wnids[-1], "L")]
-    val_plan += [(3 + i, w, "RGB") for i, w in enumerate(plain)] + [(last, wnids[0], "RGB")]
-    val: dict[str, str] = {}
-    val_rows: list[str] = []
-    for number, wnid, mode in val_plan:
-        stem = f"ILSVRC2012_val_{number:08d}"
-        rel = f"{VAL_DIR}/{stem}.JPEG"
-        data, size = image(wnid, mode)
-        write(rel, data)
-        if number == last:
-            quirks["val_no_label"] = rel
-            bad[rel] = "no label in LOC_val_solution.csv"
-            continue
-        val[rel] = wnid
-        groups = 2 if number == 3 else 1 + int(rng.random() < 0.3) + int(rng.random() < 0.05)
-        boxes = [_box(rng, *size) for _ in range(groups)]
-        val_rows.append(f"{stem}," + " ".join(f"{wnid} {b[0]} {b[1]} {b[2]} {b[3]}" for b in boxes))
-        write(f"ILSVRC/Annotations/CLS-LOC/val/{stem}.xml", _xml("val", stem, size, wnid, boxes))
-    quirks["cmyk_val"] = f"{VAL_DIR}/ILSVRC2012_val_00000001.JPEG"
-    quirks["gray_val"] = f"{VAL_DIR}/ILSVRC2012_val_00000002.JPEG"
-    rng.shuffle(val_rows)  # real row order is not by ImageId: readers must look rows up
+    def quirk_files(self) -> None:
+        """One file of each train quirk and the non-JPEG files (module docstring)."""
+        rng, wnids = self.rng, self.wnids
+        for i, (kind, preferred, n, ext) in enumerate(_TRAIN_QUIRKS):
+            wnid = preferred if preferred in self.names else wnids[i % self.classes]
+            rel = f"{TRAIN_DIR}/{wnid}/{wnid}_{n}{ext}"
+            self.quirks[kind] = rel
+            if kind == "undecodable":
+                self.write(rel, b"\x00\xffJUNK\x00\x00" + rng.bytes(int(rng.integers(2000, 6000))))
+                self.bad[rel] = "undecodable: not an image"
+                continue
+            mode = {"cmyk_train": "CMYK", "gray_train": "L"}.get(kind, "RGB")
+            data, _ = self.image(wnid, mode, "PNG" if kind == "png" else "JPEG")
+            if kind == "truncated":
+                self.write(rel, truncate(data))
+                self.bad[rel] = "truncated JPEG"
+                continue
+            self.write(rel, data)
+            self.train[rel] = wnid
+        self.quirks["non_jpeg"] = f"{TRAIN_DIR}/{wnids[0]}/notes.txt"
+        self.quirks["non_jpeg_val"] = f"{VAL_DIR}/.DS_Store"
+        self.write(self.quirks["non_jpeg"], "Notes kept next to the images; not part of the data set.\n")
+        self.write(self.quirks["non_jpeg_val"], b"\x00\x00\x00\x01Bud1" + rng.bytes(64))
 
-    test = []
-    for number in range(1, test_images + 1):
-        rel = f"{TEST_DIR}/ILSVRC2012_test_{number:08d}.JPEG"
-        write(rel, image(wnids[int(rng.integers(0, classes))])[0])
-        test.append(rel)
+    def val_images(self, per_class: int) -> tuple[list[str], int]:
+        """val: a FLAT folder numbered 1..last, labels only in LOC_val_solution.csv; returns
+        the solution rows (shuffled: real row order is not by ImageId) and ``last``."""
+        rng, wnids = self.rng, self.wnids
+        plain = [w for w in wnids for _ in range(per_class)]
+        rng.shuffle(plain)
+        last = len(plain) + 3
+        cmyk_class = "n01739381" if "n01739381" in self.names else wnids[0]
+        val_plan = [(1, cmyk_class, "CMYK"), (2, wnids[-1], "L")]
+        val_plan += [(3 + i, w, "RGB") for i, w in enumerate(plain)] + [(last, wnids[0], "RGB")]
+        rows: list[str] = []
+        for number, wnid, mode in val_plan:
+            stem = f"ILSVRC2012_val_{number:08d}"
+            rel = f"{VAL_DIR}/{stem}.JPEG"
+            data, size = self.image(wnid, mode)
+            self.write(rel, data)
+            if number == last:
+                self.quirks["val_no_label"] = rel
+                self.bad[rel] = "no label in LOC_val_solution.csv"
+                continue
+            self.val[rel] = wnid
+            groups = 2 if number == 3 else 1 + int(rng.random() < 0.3) + int(rng.random() < 0.05)
+            boxes = [box(rng, *size) for _ in range(groups)]
+            rows.append(f"{stem}," + " ".join(f"{wnid} {b[0]} {b[1]} {b[2]} {b[3]}" for b in boxes))
+            self.write(f"ILSVRC/Annotations/CLS-LOC/val/{stem}.xml", annotation_xml("val", stem, size, wnid, boxes))
+        self.quirks["cmyk_val"] = f"{VAL_DIR}/ILSVRC2012_val_00000001.JPEG"
+        self.quirks["gray_val"] = f"{VAL_DIR}/ILSVRC2012_val_00000002.JPEG"
+        rng.shuffle(rows)
+        return rows, last
 
-    train_rows = []
-    for rel in boxed:
-        wnid, stem = train[rel], rel.rsplit("/", 1)[1].rsplit(".", 1)[0]
-        boxes = [_box(rng, *sizes[rel]) for _ in range(1 + int(rng.random() < 0.2))]
-        train_rows.append(f"{stem}," + " ".join(f"{wnid} {b[0]} {b[1]} {b[2]} {b[3]}" for b in boxes))
-        write(f"ILSVRC/Annotations/CLS-LOC/train/{wnid}/{stem}.xml", _xml(wnid, stem, sizes[rel], wnid, boxes))
-    rng.shuffle(train_rows)
+    def test_images(self, count: int) -> list[str]:
+        test = []
+        for number in range(1, count + 1):
+            rel = f"{TEST_DIR}/ILSVRC2012_test_{number:08d}.JPEG"
+            self.write(rel, self.image(self.wnids[int(self.rng.integers(0, self.classes))])[0])
+            test.append(rel)
+        return test
 
-    write("LOC_synset_mapping.txt", "".join(f"{w} {names[w]}\n" for w in wnids))
-    write("LOC_val_solution.csv", "ImageId,PredictionString\n" + "".join(r + "\n" for r in val_rows))
-    write("LOC_train_solution.csv", "ImageId,PredictionString\n" + "".join(r + "\n" for r in train_rows))
-    top5 = " ".join(f"{w} 0 0 100 100" for w in wnids[:5])
-    write("LOC_sample_submission.csv", "ImageId,PredictionString\n"
-          + "".join(f"{Path(rel).stem},{top5}\n" for rel in test))
+    def metadata(self, boxed: list[str], val_rows: list[str], last: int, test: list[str]) -> None:
+        """Train boxes, the CSVs and the ImageSets listings."""
+        train_rows = []
+        for rel in boxed:
+            wnid, stem = self.train[rel], rel.rsplit("/", 1)[1].rsplit(".", 1)[0]
+            boxes = [box(self.rng, *self.sizes[rel]) for _ in range(1 + int(self.rng.random() < 0.2))]
+            train_rows.append(f"{stem}," + " ".join(f"{wnid} {b[0]} {b[1]} {b[2]} {b[3]}" for b in boxes))
+            self.write(f"ILSVRC/Annotations/CLS-LOC/train/{wnid}/{stem}.xml",
+                       annotation_xml(wnid, stem, self.sizes[rel], wnid, boxes))
+        self.rng.shuffle(train_rows)
+        header = "ImageId,PredictionString\n"
+        self.write("LOC_synset_mapping.txt", "".join(f"{w} {self.names[w]}\n" for w in self.wnids))
+        self.write("LOC_val_solution.csv", header + "".join(r + "\n" for r in val_rows))
+        self.write("LOC_train_solution.csv", header + "".join(r + "\n" for r in train_rows))
+        top5 = " ".join(f"{w} 0 0 100 100" for w in self.wnids[:5])
+        self.write("LOC_sample_submission.csv", header + "".join(f"{Path(rel).stem},{top5}\n" for rel in test))
 
-    def listing(rels) -> str:
-        return "".join(f"{r} {i}\n" for i, r in enumerate(rels, 1))
+        def listing(rels) -> str:
+            return "".join(f"{r} {i}\n" for i, r in enumerate(rels, 1))
 
-    train_ids = sorted(r[len(TRAIN_DIR) + 1:].rsplit(".", 1)[0] for r in list(train) + [quirks["truncated"],
-                                                                                      quirks["undecodable"]])
-    boxed_ids = sorted(r[len(TRAIN_DIR) + 1:].rsplit(".", 1)[0] for r in boxed)
-    sets = "ILSVRC/ImageSets/CLS-LOC"
-    write(f"{sets}/train_cls.txt", listing(train_ids))
-    write(f"{sets}/train_loc.txt", listing(boxed_ids))
-    write(f"{sets}/val.txt", listing(f"ILSVRC2012_val_{n:08d}" for n in range(1, last + 1)))
-    write(f"{sets}/test.txt", listing(Path(r).stem for r in test))
-
-    return DemoTreeInfo(root=root, wnids=wnids, names=names, train=train, val=val, bad=bad,
-                        ignored=[quirks["non_jpeg"], quirks["non_jpeg_val"]], quirks=quirks,
-                        test=test, total_bytes=total)
+        train_ids = sorted(r[len(TRAIN_DIR) + 1:].rsplit(".", 1)[0]
+                           for r in list(self.train) + [self.quirks["truncated"], self.quirks["undecodable"]])
+        boxed_ids = sorted(r[len(TRAIN_DIR) + 1:].rsplit(".", 1)[0] for r in boxed)
+        sets = "ILSVRC/ImageSets/CLS-LOC"
+        self.write(f"{sets}/train_cls.txt", listing(train_ids))
+        self.write(f"{sets}/train_loc.txt", listing(boxed_ids))
+        self.write(f"{sets}/val.txt", listing(f"ILSVRC2012_val_{n:08d}" for n in range(1, last + 1)))
+        self.write(f"{sets}/test.txt", listing(Path(r).stem for r in test))
 
 
 def summary(info: DemoTreeInfo) -> str:

@@ -13,9 +13,9 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
-from common.classes import choose_subset, hash_key, parse_synset_mapping, read_classes_file
 from common.errors import UserError
 from common.manifest import FORMAT_VERSION, ClassInfo, sha256_bytes
+from shard_builder.classes import choose_subset, hash_key, parse_synset_mapping, read_classes_file
 from shard_builder.source import SYNSET_MAPPING, TRAIN_DIR, VAL_DIR, VAL_SOLUTION, FileRef, Source, is_jpeg_name
 
 SPLITS = ("train", "val")
@@ -119,64 +119,10 @@ def _val_labels(source: Source) -> dict[str, str]:
 def make_plan(source: Source, opts: BuildOptions) -> BuildPlan:
     opts.check()
     classes = _choose_classes(source, opts)
-    by_wnid = {c.wnid: c for c in classes}
     skipped: list[dict] = []
-    per_split: dict[str, list[Sample]] = {}
-
-    def add(split: str, ref: FileRef, wnid: str, out: list[Sample], seen: set[str]) -> None:
-        key = PurePosixPath(ref.relpath).stem
-        if key in seen:
-            skipped.append({"split": split, "path": ref.relpath, "reason": f"duplicate key {key}"})
-            return
-        seen.add(key)
-        c = by_wnid[wnid]
-        out.append(Sample(key, c.index, wnid, c.imagenet_index, ref))
-
-    for split in opts.splits:
-        samples: list[Sample] = []
-        seen: set[str] = set()
-        if split == "train":
-            files = source.list_dir_files(TRAIN_DIR)
-            for ref in files:
-                parts = PurePosixPath(ref.relpath).parts
-                wnid = parts[-2] if len(parts) == 6 else None  # ILSVRC/Data/CLS-LOC/train/<wnid>/<file>
-                if wnid not in by_wnid:
-                    continue
-                if not is_jpeg_name(ref.relpath):
-                    skipped.append({"split": split, "path": ref.relpath, "reason": "ignored: not a .JPEG file"})
-                    continue
-                add(split, ref, wnid, samples, seen)
-        else:
-            labels = _val_labels(source)
-            for ref in source.list_dir_files(VAL_DIR):
-                if not is_jpeg_name(ref.relpath):
-                    skipped.append({"split": split, "path": ref.relpath, "reason": "ignored: not a .JPEG file"})
-                    continue
-                wnid = labels.get(PurePosixPath(ref.relpath).stem)
-                if wnid is None:
-                    skipped.append({"split": split, "path": ref.relpath, "reason": f"no row in {VAL_SOLUTION}"})
-                elif wnid in by_wnid:
-                    add(split, ref, wnid, samples, seen)
-        if not samples:
-            raise UserError(f"no {split} images found for the chosen classes: check --source and the class choice")
-        # Global seeded shuffle, keyed by path so listing order never matters.
-        samples.sort(key=lambda s: hash_key(opts.seed, split, s.ref.relpath))
-        per_split[split] = samples
-
-    tasks: list[ShardTask] = []
-    total_bytes = 0
-    for split, samples in per_split.items():
-        n = len(samples)
-        nbytes = sum(s.ref.size for s in samples)
-        total_bytes += nbytes
-        count = max(1, math.ceil(nbytes / opts.shard_max_bytes))
-        if opts.shard_max_count:
-            count = max(count, math.ceil(n / opts.shard_max_count))
-        count = min(count, n)
-        # Shard i holds samples [i*n//count, (i+1)*n//count): sizes differ by at most 1.
-        for i in range(count):
-            tasks.append(ShardTask(split, i, tuple(samples[i * n // count:(i + 1) * n // count])))
-
+    per_split = {split: _split_samples(source, split, {c.wnid: c for c in classes}, opts.seed, skipped)
+                 for split in opts.splits}
+    tasks = _shard_tasks(per_split, opts)
     build_args = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(opts).items()}
     build_args["format_version"] = FORMAT_VERSION
     build_args["class_wnids"] = [c.wnid for c in classes]
@@ -185,5 +131,66 @@ def make_plan(source: Source, opts: BuildOptions) -> BuildPlan:
     build_args.pop("class_wnids")
     build_args["fingerprint"] = fingerprint
     skipped.sort(key=lambda d: (d["split"], d["path"]))
+    total_bytes = sum(s.ref.size for samples in per_split.values() for s in samples)
     return BuildPlan(classes, build_args, fingerprint, tasks, skipped,
                      {s: len(v) for s, v in per_split.items()}, total_bytes)
+
+
+def _split_samples(source: Source, split: str, by_wnid: dict[str, ClassInfo], seed: int,
+                   skipped: list[dict]) -> list[Sample]:
+    """The split's samples of the chosen classes in seeded shuffled order; what is left out
+    goes to ``skipped``."""
+    samples: list[Sample] = []
+    seen: set[str] = set()
+
+    def add(ref: FileRef, wnid: str) -> None:
+        key = PurePosixPath(ref.relpath).stem
+        if key in seen:
+            skipped.append({"split": split, "path": ref.relpath, "reason": f"duplicate key {key}"})
+            return
+        seen.add(key)
+        c = by_wnid[wnid]
+        samples.append(Sample(key, c.index, wnid, c.imagenet_index, ref))
+
+    if split == "train":
+        for ref in source.list_dir_files(TRAIN_DIR):
+            parts = PurePosixPath(ref.relpath).parts
+            wnid = parts[-2] if len(parts) == 6 else None  # ILSVRC/Data/CLS-LOC/train/<wnid>/<file>
+            if wnid not in by_wnid:
+                continue
+            if not is_jpeg_name(ref.relpath):
+                skipped.append({"split": split, "path": ref.relpath, "reason": "ignored: not a .JPEG file"})
+                continue
+            add(ref, wnid)
+    else:
+        labels = _val_labels(source)
+        for ref in source.list_dir_files(VAL_DIR):
+            if not is_jpeg_name(ref.relpath):
+                skipped.append({"split": split, "path": ref.relpath, "reason": "ignored: not a .JPEG file"})
+                continue
+            wnid = labels.get(PurePosixPath(ref.relpath).stem)
+            if wnid is None:
+                skipped.append({"split": split, "path": ref.relpath, "reason": f"no row in {VAL_SOLUTION}"})
+            elif wnid in by_wnid:
+                add(ref, wnid)
+    if not samples:
+        raise UserError(f"no {split} images found for the chosen classes: check --source and the class choice")
+    # Global seeded shuffle, keyed by path so listing order never matters.
+    samples.sort(key=lambda s: hash_key(seed, split, s.ref.relpath))
+    return samples
+
+
+def _shard_tasks(per_split: dict[str, list[Sample]], opts: BuildOptions) -> list[ShardTask]:
+    """Cut each split into shards of nearly equal counts under the size/count limits."""
+    tasks: list[ShardTask] = []
+    for split, samples in per_split.items():
+        n = len(samples)
+        nbytes = sum(s.ref.size for s in samples)
+        count = max(1, math.ceil(nbytes / opts.shard_max_bytes))
+        if opts.shard_max_count:
+            count = max(count, math.ceil(n / opts.shard_max_count))
+        count = min(count, n)
+        # Shard i holds samples [i*n//count, (i+1)*n//count): sizes differ by at most 1.
+        for i in range(count):
+            tasks.append(ShardTask(split, i, tuple(samples[i * n // count:(i + 1) * n // count])))
+    return tasks

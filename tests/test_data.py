@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from common import manifest as mf
-from common import storage, wds_s3
+from common import s3, storage, wds_s3
 from common.errors import UserError
 from tests.conftest import free_port
 from tests.faulty_proxy import FaultyProxy
@@ -136,7 +136,7 @@ def test_dropped_connections_resume_and_every_sample_arrives_once(build, s3_buil
     # Fewer cuts than S3Reader's attempts, so even one unlucky read that is cut every time recovers.
     with FaultyProxy(("127.0.0.1", port), cut_after=30_000, max_cuts=3) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
-        monkeypatch.setattr(storage, "_clients", {})  # this process too: a client per endpoint
+        monkeypatch.setattr(s3, "_clients", {})  # this process too: a client per endpoint
         got = run(make_train_loader(cfg(s3_build, num_workers=2, io_threads=2), epoch=0))
     assert proxy.cuts == 3
     assert_same(got, run(make_train_loader(cfg(build), epoch=0)))
@@ -175,8 +175,8 @@ def test_cache_dir_serves_later_epochs_without_s3_and_refetches_corrupt_copies(b
     local1 = run(make_train_loader(cfg(build), epoch=1))
     with monkeypatch.context() as mp:  # S3 unreachable: epoch 1 must come from the cache alone
         mp.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
-        mp.setattr(storage, "MAX_ATTEMPTS", 1)
-        mp.setattr(storage, "_clients", {})
+        mp.setattr(s3, "MAX_ATTEMPTS", 1)
+        mp.setattr(s3, "_clients", {})
         assert_same(run(make_train_loader(c, epoch=1, manifest=m)), local1)
 
     data = bytearray(tars[0].read_bytes())

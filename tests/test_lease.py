@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from common import storage
+from common import s3, storage
 from common.errors import EXIT_LEASE_LOST, EXIT_USAGE
 from common.lease import HOST_ENV, LEASE_NAME, Lease, LeaseHeld, LeaseLost, judge, identity
 from tests.conftest import REPO
@@ -245,9 +245,9 @@ def test_a_renewal_whose_response_was_dropped_is_recognised_as_ours(s3_server, s
     target = urlparse(s3_server)
     with FaultyProxy((target.hostname, target.port), cut_after=40, max_cuts=1) as proxy:  # past a "100 Continue"
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
-        monkeypatch.setattr(storage, "_clients", {})  # a client for the proxy endpoint
+        monkeypatch.setattr(s3, "_clients", {})  # a client for the proxy endpoint
         lease.renew()
         assert proxy.cuts == 1
         assert not lease.lost and storage.get_versioned(storage.join(root, LEASE_NAME)).etag == lease.etag
         lease.release()
-    assert read_lease(root)["released"] is True
+        assert read_lease(root)["released"] is True  # read while the proxy (the client's endpoint) still runs

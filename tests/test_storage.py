@@ -6,7 +6,7 @@ import os
 import pytest
 
 from common import manifest as mf
-from common import storage
+from common import s3, storage
 from common.errors import UserError
 
 
@@ -36,8 +36,8 @@ def test_write_read_range_list_stat_delete(root):
 
 
 def test_upload_download_multipart(root, tmp_path, monkeypatch):
-    monkeypatch.setattr(storage, "MULTIPART_THRESHOLD", 5 * 2**20)
-    monkeypatch.setattr(storage, "MULTIPART_CHUNK", 5 * 2**20)
+    monkeypatch.setattr(s3, "MULTIPART_THRESHOLD", 5 * 2**20)
+    monkeypatch.setattr(s3, "MULTIPART_CHUNK", 5 * 2**20)
     src = tmp_path / "big.bin"
     data = os.urandom(11 * 2**20 + 123)  # three parts on S3
     src.write_bytes(data)
@@ -60,7 +60,7 @@ def test_local_atomic_write_leaves_no_partial_file(tmp_path):
         raise RuntimeError("crash mid-write")
 
     with pytest.raises(RuntimeError):
-        storage._atomic_local_write(target, boom)
+        storage.atomic_write(target, boom)
     assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
 
 
@@ -110,7 +110,7 @@ def through_proxy(s3_server, monkeypatch):
         proxy = FaultyProxy(("127.0.0.1", port), **kwargs).start()
         proxies.append(proxy)
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
-        monkeypatch.setattr(storage, "_clients", {})  # a new client for the new endpoint
+        monkeypatch.setattr(s3, "_clients", {})  # a new client for the new endpoint
         return proxy
 
     yield make
@@ -124,7 +124,7 @@ def test_range_read_cut_every_12kb_keeps_its_progress(s3_bucket, through_proxy, 
     url = f"{s3_bucket}/cut/obj.bin"
     data = os.urandom(200_000)
     storage.write_bytes(url, data)
-    monkeypatch.setattr(storage, "MAX_ATTEMPTS", 3)
+    monkeypatch.setattr(s3, "MAX_ATTEMPTS", 3)
     proxy = through_proxy(cut_after=12 * 1024, max_cuts=10_000, reset=True)
     assert storage.read_bytes(url, 1000, 139_000) == data[1000:139_000]  # a 138 KB range
     assert proxy.cuts >= 138_000 // (12 * 1024)  # the cuts really happened, far more than MAX_ATTEMPTS
@@ -139,18 +139,18 @@ def test_retries_are_bounded_and_in_one_place(s3_bucket, through_proxy, monkeypa
     connection here) before it fails; not MAX_ATTEMPTS cubed."""
     url = f"{s3_bucket}/bounded/obj.bin"
     storage.write_bytes(url, os.urandom(50_000))
-    monkeypatch.setattr(storage, "MAX_ATTEMPTS", 3)
+    monkeypatch.setattr(s3, "MAX_ATTEMPTS", 3)
     proxy = through_proxy(cut_after=100, max_cuts=10_000)  # cut inside the response headers: no progress
     with pytest.raises(OSError, match="failed at byte 0 after 3 attempt"):
         storage.read_bytes(url, 0, 40_000)
     assert proxy.connections == 3
     with pytest.raises(Exception) as info:  # noqa: PT011 - botocore's connection error class
         storage.stat(url)
-    assert storage._transient(info.value) and proxy.connections == 6
+    assert s3._transient(info.value) and proxy.connections == 6
     proxy = through_proxy(cut_after=0, max_cuts=10_000)  # nothing at all comes back
     with pytest.raises(Exception) as info:  # noqa: PT011
         storage.write_bytes(url, b"x")
-    assert storage._transient(info.value) and proxy.connections == 3
+    assert s3._transient(info.value) and proxy.connections == 3
 
 
 def test_read_past_the_end_of_a_shorter_object_returns_what_exists(root):

@@ -175,8 +175,8 @@ def test_val_resize_follows_image_size_and_evaluate_and_predict_reproduce_the_lo
 
 _SAVE_LOOP = """
 import sys, torch
-from common import storage
-storage.MULTIPART_THRESHOLD = storage.MULTIPART_CHUNK = 5 * 2**20
+from common import s3
+s3.MULTIPART_THRESHOLD = s3.MULTIPART_CHUNK = 5 * 2**20
 from trainer.checkpoint import CheckpointStore, FORMAT
 store = CheckpointStore(sys.argv[1], sys.argv[2], keep_last=0)
 start = int(sys.argv[3])

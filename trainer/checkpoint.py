@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -50,22 +49,6 @@ def checkpoint_name(epoch: int, step_in_epoch: int) -> str:
     if step_in_epoch == 0:
         return f"checkpoint_epoch_{epoch:03d}.pth"          # = after (1-based) epoch `epoch`
     return f"checkpoint_epoch_{epoch + 1:03d}_step_{step_in_epoch:06d}.pth"
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    """torch.save to a temp file in the same folder, fsync, rename: never a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, storage.public_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class CheckpointStore:
@@ -167,7 +150,7 @@ class CheckpointStore:
         if not self.may_write():
             return  # the lease is lost: the loop stops at the next step (common.lease on_lost)
         path = self.local_path(name)
-        atomic_torch_save(state, path)
+        storage.atomic_write(path, lambda f: torch.save(state, f))
         meta = {"name": name, "bytes": path.stat().st_size, "sha256": storage.sha256_file(path),
                 "epoch": state["epoch"], "step_in_epoch": state["step_in_epoch"], "global_step": state["global_step"]}
         if self.lease is not None:
@@ -181,7 +164,7 @@ class CheckpointStore:
         if not self.may_write():
             return
         path = self.local / "model_best.pth"
-        atomic_torch_save(state, path)
+        storage.atomic_write(path, lambda f: torch.save(state, f))
         if self.remote:
             dest = storage.join(self.output, "model_best.pth")
             self._pending.append(self._uploader.submit(self._fenced, storage.upload_file, path, dest))

@@ -46,12 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     args = p.parse_args(argv)
-    try:
-        r = evaluate(args.checkpoint, args.data, args.device, args.batch_size, args.workers)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    if args.json:
+    from common import cli
+
+    return cli.run(lambda: _report(evaluate(args.checkpoint, args.data, args.device, args.batch_size, args.workers),
+                                   args.json))
+
+
+def _report(r: dict, as_json: bool) -> int:
+    if as_json:
         print(json.dumps(r))
     else:
         print(f"val top-1 {r['val_top1']:.2f}%  top-5 {r['val_top5']:.2f}%  loss {r['val_loss']:.4f}  "

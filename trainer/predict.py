@@ -59,12 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--top", type=int, default=5)
     args = p.parse_args(argv)
-    try:
-        results = predict(args.checkpoint, args.images, args.device, args.top)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    for image, rows in zip(args.images, results):
+    from common import cli
+
+    return cli.run(lambda: _report(args.images, predict(args.checkpoint, args.images, args.device, args.top)))
+
+
+def _report(images: list[str], results: list) -> int:
+    for image, rows in zip(images, results):
         print(image)
         for rank, (wnid, name, prob) in enumerate(rows, 1):
             print(f"  {rank}. {wnid}  {prob:6.2%}  {name}")

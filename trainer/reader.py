@@ -9,7 +9,7 @@ Each shard's index sidecar is loaded lazily, checked against the manifest and ke
 life of the worker. A batch's samples are grouped by shard and contiguous index runs are
 coalesced into one byte-range read each (:func:`coalesce`); on S3 the ranges of one batch
 download in parallel on a small per-worker thread pool. Dropped connections resume from the
-byte where they stopped (``common.storage.S3Reader``).
+byte where they stopped (``common.s3.S3Reader``).
 
 With ``cache_dir`` the first read of a shard downloads the whole shard (atomically, under a
 file lock, so the workers and ranks of one machine download it once) and later epochs and
@@ -37,7 +37,7 @@ import numpy as np
 
 from common import storage
 from common.errors import UserError
-from common.manifest import Manifest, ShardIndex, sha256_bytes
+from common.manifest import Manifest, load_index, shard_problems
 
 log = logging.getLogger(__name__)
 
@@ -143,26 +143,8 @@ class ShardStore:
 
     def _load_index(self, shard: int) -> ShardArrays:
         info = self.shards[shard]
-        url = self.manifest.url(info.index)
         cached = self._cache_path(info.index, info.index_sha256, ".idx.json") if self.cache_dir else None
-        raw = cached.read_bytes() if cached is not None and cached.exists() else None
-        if raw is None or sha256_bytes(raw) != info.index_sha256:
-            try:
-                raw = storage.read_bytes(url)
-            except (FileNotFoundError, NotADirectoryError):
-                raise UserError(f"index {url} of shard {self.url(shard)} is missing: rebuild or re-upload "
-                                "the shards") from None
-            if sha256_bytes(raw) != info.index_sha256:
-                raise UserError(f"index {url} does not match the manifest checksum: rebuild or re-upload it")
-            if cached is not None:
-                storage.write_bytes(str(cached), raw)  # atomic; racing writers write identical bytes
-        try:
-            idx = ShardIndex.from_bytes(raw)
-        except (ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
-            raise UserError(f"index {url} is invalid ({exc}): rebuild the shards") from None
-        if len(idx) != info.num_samples or idx.bytes != info.bytes or idx.sha256 != info.sha256:
-            raise UserError(f"index {url} does not describe shard {self.url(shard)} of the manifest "
-                            f"({len(idx)} samples, {idx.bytes} bytes; manifest: {info.num_samples}, {info.bytes})")
+        idx = load_index(self.manifest, info, cache=cached)
         return ShardArrays(idx.keys, np.asarray(idx.labels, dtype=np.int64),
                            np.asarray(idx.jpg_offsets, dtype=np.int64), np.asarray(idx.jpg_sizes, dtype=np.int64))
 
@@ -183,7 +165,7 @@ class ShardStore:
                 return True
         except (FileNotFoundError, ValueError):
             pass
-        if storage.sha256_file(path) != info.sha256:
+        if shard_problems(str(path), info.bytes, info.sha256):
             return False
         storage.write_bytes(str(marker), json.dumps(want).encode())
         return True

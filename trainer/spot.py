@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Mapping
 
 from common.errors import EXIT_COMPLETED, EXIT_INTERRUPTED  # noqa: F401 - re-exported; one home: common.errors
+from common.host import read_small
 
 log = logging.getLogger(__name__)
 
@@ -93,17 +94,9 @@ def looks_like_ec2(environ: Mapping[str, str] | None = None, sysfs: str | os.Pat
         return True
     root = Path(sysfs)
     for name in ("devices/virtual/dmi/id/board_vendor", "devices/virtual/dmi/id/sys_vendor"):
-        if "amazon ec2" in _read_small(root / name).lower():
+        if "amazon ec2" in read_small(root / name).lower():
             return True
-    return _read_small(root / "hypervisor/uuid").lower().startswith("ec2")
-
-
-def _read_small(path: Path) -> str:
-    try:
-        with open(path, encoding="ascii", errors="replace") as f:
-            return f.read(256).strip()
-    except OSError:
-        return ""
+    return read_small(root / "hypervisor/uuid").lower().startswith("ec2")
 
 
 # --------------------------------------------------------------------------- the watcher
@@ -272,11 +265,11 @@ def report_exit(code: int, reason: str | None = None, environ: Mapping[str, str]
     target = env.get(EXIT_STATUS_ENV, "").strip()
     if not target:
         return
+    from common.storage import atomic_write
+
     path = Path(target)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    text = f"{int(code)}\n{(reason or '').splitlines()[0] if reason else ''}\n"
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(f"{int(code)}\n{(reason or '').splitlines()[0] if reason else ''}\n")
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: f.write(text.encode()))
     except OSError as exc:
         log.warning("could not record exit status in %s: %s", path, exc)

@@ -383,10 +383,10 @@ def _progress(dinfo: DistInfo, logger, s: StepState, steps: int, global_batch: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        return train(parse_config(argv))
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    from common import cli
+
+    def record(exc: UserError) -> None:
         if isinstance(exc, LeaseLost):  # lease: e.g. lost while the last uploads finished
             report_exit(exc.exit_code, str(exc))
-        return exc.exit_code
+
+    return cli.run(lambda: train(parse_config(argv)), on_error=record)
