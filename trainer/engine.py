@@ -274,6 +274,10 @@ class Engine:
                 agree.launch(should_stop(), checkpoint_due(step + 1))
         agree.take()  # a loader that ended early leaves one pending
         res.seconds = time.perf_counter() - t0
+        return self._finish(res, sums, reads_before)
+
+    def _finish(self, res: EpochResult, sums: _Sums, reads_before: int) -> EpochResult:
+        """The epoch's totals over all ranks (one all_reduce, one read) into ``res``."""
         loss_sum, hits, seen, skipped, carried = sums.totals(self.reads)
         res.loss, res.top1 = loss_sum / max(1, seen), 100.0 * hits / max(1, seen)
         res.samples, res.skipped = int(seen - carried), int(skipped)
