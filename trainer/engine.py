@@ -3,7 +3,7 @@
     engine = Engine(model=ddp_model, optimizer=opt, amp=Amp.create("auto", device), dist=dinfo, ...)
     res = engine.train_epoch(loader, state, stop_after=steps, should_stop=watcher.requested,
                              checkpoint_due=due, on_checkpoint=save, log_every=50)
-    val = engine.evaluate(model, val_loader, expected=num_val)
+    val = engine.validate(model, val_loader, expected=num_val)
 
 (``python -m trainer --data ... --output ...`` drives it, see trainer/train.py.)
 
@@ -284,7 +284,8 @@ class Engine:
         res.host_reads = self.reads.count - reads_before
         return res
 
-    def evaluate(self, model: nn.Module, loader, expected: int) -> dict:
+    def validate(self, model: nn.Module, loader, expected: int) -> dict:
+        """The val metrics of ``model`` (:func:`evaluate_model` with this engine's settings and heartbeat)."""
         return evaluate_model(model, loader, expected, self.dist.device, self.amp, self.normalize, self.memory_format,
                               heartbeat=self.heartbeat)
 

@@ -27,15 +27,15 @@ from common import storage
 from common.errors import UserError
 from common.lease import Lease, LeaseLost
 from trainer import checkpoint as ck
-from trainer import plan as planlib
+from trainer import sampling
 from trainer.config import TrainConfig, parse_config
-from trainer.data import LoaderConfig, RunLoader
 from trainer.distributed import DistInfo, broadcast_buffers, setup, teardown
 from trainer.engine import Amp, Engine, EpochResult, StepState
 from trainer.exits import exit_interrupted, exit_lease_lost, lease_lost
-from trainer.metrics import RunFiles, local_dir_for, progress, sample_log
+from trainer.loader import LoaderConfig, RunLoader
 from trainer.model import build_model, load_pretrained, param_groups, unwrap
 from trainer.resume import check_compatible, resolve_resume
+from trainer.run_files import RunFiles, local_dir_for, progress, sample_log
 from trainer.spot import EXIT_COMPLETED, InterruptWatcher, report_exit
 from trainer.state import BestWeights, TrainState, classes_as_dicts, rng_state
 from trainer.watchdog import HangWatchdog, collective_timeout_minutes
@@ -93,8 +93,8 @@ class Schedule:
                             "pick a --batch-size that divides it")
         accum = global_batch // (B * W)
         # The partial last global batch is dropped: steps, LR and samples per step do not depend
-        # on (world size, accum) for a given global batch (trainer/plan.py).
-        steps = planlib.steps_per_epoch(n_train, world_size=W, batch_size=B, accum=accum, drop_last=True)
+        # on (world size, accum) for a given global batch (trainer/sampling.py).
+        steps = sampling.steps_per_epoch(n_train, world_size=W, batch_size=B, accum=accum, drop_last=True)
         if steps == 0:
             raise UserError(f"the train split has {n_train} images, fewer than one global batch of {global_batch}: "
                             "lower --batch-size / --global-batch")
@@ -232,7 +232,7 @@ class Run:
         if self.first_eval:  # its first batch may start workers and warm caches: the long allowance
             self.dog.expect_slow("first evaluation batch")
             self.first_eval = False
-        val = self.engine.evaluate(unwrap(self.wrapped), self.loaders.val(), self.manifest.split("val").num_samples)
+        val = self.engine.validate(unwrap(self.wrapped), self.loaders.val(), self.manifest.split("val").num_samples)
         self.s.epoch, self.s.step_in_epoch = self.s.epoch + 1, 0
         record = self._record(res, val)
         if lost := lease_lost(self.dinfo, self.store):  # lease: checked (renewed) before the epoch's checkpoint

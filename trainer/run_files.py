@@ -3,7 +3,7 @@ the progress lines and bar (rank 0), the per-rank sample audit files (--sample-l
 
 With an s3:// output they are written in the local staging folder and uploaded after
 every epoch (they are small); on resume the previous metrics.jsonl is fetched first so
-the history and the curves continue. Also: running top-k accuracy helpers.
+the history and the curves continue.
 """
 from __future__ import annotations
 
@@ -17,18 +17,9 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-import torch
 
 from common import storage
 from common.log import setup_logging
-
-
-def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[int]:
-    """Number of samples whose label is among the top-k logits, for each k. logits: [B, C]."""
-    k_max = min(max(ks), logits.shape[1])
-    top = logits.topk(k_max, dim=1).indices  # [B, k_max]
-    hit = top.eq(labels[:, None])
-    return [int(hit[:, :min(k, k_max)].any(dim=1).sum()) for k in ks]
 
 
 def local_dir_for(output: str, local_dir: str | None) -> str:
