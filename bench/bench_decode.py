@@ -106,7 +106,7 @@ def main() -> None:
 
     import torch
 
-    from trainer.data import LoaderConfig, make_train_loader
+    from trainer.loader import LoaderConfig, make_train_loader
 
     _, shards, m = photo_shards(a.workdir, a.images, a.workers)
     print_setup(m, f"output {a.size}x{a.size}, batch {a.batch_size}")
@@ -123,7 +123,7 @@ def main() -> None:
 
     ds_cpu = make_train_loader(cfg("cpu"), epoch=0, rank=0, world_size=1, manifest=m).dataset
     ds_gpu = make_train_loader(cfg("gpu"), epoch=0, rank=0, world_size=1, manifest=m).dataset
-    plan = ds_cpu.plan()
+    plan = ds_cpu.plan(0)  # epoch 0, as the datasets were made for
     rates, raws = per_core_rates(ds_cpu, ds_gpu, plan, a.repeats)
     pixels = pixel_agreement(ds_cpu, plan, raws)
     l_cpu, l_gpu = timed_epochs(loader("cpu"), a.repeats), timed_epochs(loader("gpu"), a.repeats)

@@ -1,4 +1,4 @@
-"""Benchmark the train input pipeline (trainer.data) against the classic torchvision one.
+"""Benchmark the train input pipeline (trainer.loader) against the classic torchvision one.
 
     python bench/bench_loader.py                       # defaults: 2000 photos, 2 workers, ~2 min
     python bench/bench_loader.py --workdir /tmp/imagenet-bench --images 4000 --workers 2 --repeats 3
@@ -123,7 +123,7 @@ def main() -> None:
 
     from common import manifest as mf
     from common import storage
-    from trainer.data import LoaderConfig, make_train_loader
+    from trainer.loader import LoaderConfig, make_train_loader
     from trainer.presets import DeviceColorJitter, DeviceNormalize, TrainPreset, jitter_generator
 
     tree, shards, m = photo_shards(a.workdir, a.images, a.workers)

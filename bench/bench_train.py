@@ -5,7 +5,7 @@
 
 Both runs go through the trainer's own Engine (one AMP path, channels_last, SGD step), on
 the same hardware, in one process: first with batches already in memory (the model's
-ceiling), then streaming the shards of bench/photos.py through trainer.data. The gap is
+ceiling), then streaming the shards of bench/photos.py through trainer.loader. The gap is
 the data stall: 1 - real / synthetic. Target (issue 4) on a GPU: stall <= 5%; NVIDIA's
 published ResNet-50 AMP training figure is about 2,470 img/s on one A100.
 """
@@ -26,9 +26,9 @@ from photos import make_photo_tree  # noqa: E402
 
 from common import manifest as mf  # noqa: E402
 from shard_builder.build import build_shards  # noqa: E402
-from trainer.data import Batch, LoaderConfig, RunLoader  # noqa: E402
 from trainer.distributed import DistInfo  # noqa: E402
 from trainer.engine import Amp, Engine, StepState  # noqa: E402
+from trainer.loader import Batch, LoaderConfig, RunLoader  # noqa: E402
 from trainer.model import build_model, param_groups  # noqa: E402
 
 

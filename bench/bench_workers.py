@@ -76,7 +76,7 @@ def main() -> None:
     from common import storage
     from shard_builder.build import build_shards
     from shard_builder.demo_tree import write_demo_tree
-    from trainer import data
+    from trainer import loader
 
     work = Path(a.workdir or tempfile.mkdtemp(prefix="bench-workers-"))
     shards = work / "shards"
@@ -94,12 +94,12 @@ def main() -> None:
         m = mf.load(root)
         proxy = counting_proxy(int(os.environ["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])).start()
         os.environ["AWS_ENDPOINT_URL"] = proxy.url
-        cfg = data.LoaderConfig(root, batch_size=16, image_size=64, val_resize=72, val_size=64,
+        cfg = loader.LoaderConfig(root, batch_size=16, image_size=64, val_resize=72, val_size=64,
                                 num_workers=a.workers, with_keys=False)
-        persistent = hasattr(data, "RunLoader")
-        run = data.RunLoader(cfg, rank=0, world_size=1, manifest=m) if persistent else None
+        persistent = hasattr(loader, "RunLoader")
+        run = loader.RunLoader(cfg, rank=0, world_size=1, manifest=m) if persistent else None
         how = "RunLoader, workers kept for the run" if persistent else "loaders per epoch"
-        print(f"machine: {machine()}\ncode: {data.__file__} ({how}), start method {cfg.multiprocessing_context}, "
+        print(f"machine: {machine()}\ncode: {loader.__file__} ({how}), start method {cfg.multiprocessing_context}, "
               f"{a.workers} workers; {len(m.split('train').shards)} train + {len(m.split('val').shards)} val shards\n")
         print(f"{'epoch':>5} {'train 1st batch s':>18} {'val 1st batch s':>16} {'epoch s':>8} {'index GETs':>11}")
         totals = [0.0, 0.0, 0]
@@ -108,9 +108,9 @@ def main() -> None:
                 t0, before = time.perf_counter(), len(proxy.gets)
                 firsts = []
                 for make in ((lambda: run.train_epoch(epoch)) if persistent else
-                             (lambda: data.make_train_loader(cfg, epoch=epoch, rank=0, world_size=1, manifest=m)),
+                             (lambda: loader.make_train_loader(cfg, epoch=epoch, rank=0, world_size=1, manifest=m)),
                              (lambda: run.val()) if persistent else
-                             (lambda: data.make_val_loader(cfg, rank=0, world_size=1, manifest=m))):
+                             (lambda: loader.make_val_loader(cfg, rank=0, world_size=1, manifest=m))):
                     t = time.perf_counter()
                     for i, _ in enumerate(make()):
                         if i == 0:

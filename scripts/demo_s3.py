@@ -27,7 +27,7 @@ from common import manifest as mf  # noqa: E402
 from common import storage  # noqa: E402
 from common.errors import EXIT_COMPLETED, EXIT_INTERRUPTED  # noqa: E402
 from common.local_s3 import LocalS3  # noqa: E402
-from trainer.data import LoaderConfig, train_plan  # noqa: E402
+from trainer.loader import LoaderConfig, planned_train_batches  # noqa: E402
 
 BUCKET = "demo-bucket"
 SHARDS = f"s3://{BUCKET}/shards"
@@ -124,7 +124,7 @@ def resumed_line(staging: Path) -> str:
 
 def data_order(staging: Path) -> tuple[bool, str]:
     """Do the sample logs of both runs together equal the uninterrupted plan, micro-batch by
-    micro-batch (trainer.data.train_plan with the run's loader settings)? (ok, explanation)."""
+    micro-batch (trainer.loader.planned_train_batches with the run's loader settings)? (ok, explanation)."""
     manifest = mf.load(SHARDS)
     shards = manifest.split("train").shards
     keys = [k for s in shards for k in mf.load_index(manifest, s).keys]  # global sample id -> key
@@ -132,7 +132,7 @@ def data_order(staging: Path) -> tuple[bool, str]:
     # last global batch (train drops it: steps per epoch do not depend on the world size).
     cfg = LoaderConfig(SHARDS, batch_size=BATCH, seed=SEED, drop_last=True)
     for epoch in range(EPOCHS):
-        plan = train_plan(cfg, manifest, rank=0, world_size=1, epoch=epoch)
+        plan = planned_train_batches(cfg, manifest, rank=0, world_size=1, epoch=epoch)
         want = [(int(plan.steps[b]), int(plan.micros[b]), [keys[i] for i in plan.batch(b)]) for b in range(len(plan))]
         path = staging / "samples" / f"epoch{epoch + 1:03d}_rank0.jsonl"
         got = [(r["step"], r["micro"], r["keys"]) for r in map(json.loads, path.read_text().splitlines())]
@@ -168,7 +168,7 @@ def run(out: Path, server: LocalS3) -> dict:
     print("== 3/7 verify the shards in S3")
     sh(["-m", "shard_builder", "verify", SHARDS, "--deep", "--workers", "2"])
     manifest = mf.load(SHARDS)
-    plan = train_plan(LoaderConfig(SHARDS, batch_size=BATCH, seed=SEED, drop_last=True), manifest,
+    plan = planned_train_batches(LoaderConfig(SHARDS, batch_size=BATCH, seed=SEED, drop_last=True), manifest,
                       rank=0, world_size=1, epoch=0)
     steps = int(plan.steps.max()) + 1
     print(f"== 4/7 train from {SHARDS}, checkpoints to {RUN} ({EPOCHS} epochs of {steps} steps)")

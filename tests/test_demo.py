@@ -26,7 +26,7 @@ from common import manifest as mf
 from common.local_s3 import pid_running
 from shard_builder.build import build_shards
 from tests.conftest import REPO
-from trainer.data import LoaderConfig, train_plan
+from trainer.loader import LoaderConfig, planned_train_batches
 
 DEMO_TIMEOUT_S = 900  # generous for 2 shared CPU cores; a hang fails the test, it never blocks
 
@@ -56,7 +56,7 @@ def _assert_order_matches_plan(out: Path, facts: dict) -> None:
     keys = [k for s in manifest.split("train").shards for k in mf.load_index(manifest, s).keys]
     stop = facts["stopped_at"]
     for epoch in range(2):
-        plan = train_plan(LoaderConfig(str(shards), batch_size=32, seed=0, drop_last=True), manifest, rank=0, world_size=1,
+        plan = planned_train_batches(LoaderConfig(str(shards), batch_size=32, seed=0, drop_last=True), manifest, rank=0, world_size=1,
                           epoch=epoch)
         want = [(int(plan.steps[b]), [keys[i] for i in plan.batch(b)]) for b in range(len(plan))]
         lines = (out / "staging" / "samples" / f"epoch{epoch + 1:03d}_rank0.jsonl").read_text().splitlines()

@@ -10,7 +10,6 @@ A "boot" runs the unit's ExecStartPre= then, if it succeeded, its ExecStart=, as
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path

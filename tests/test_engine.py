@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from trainer.data import Batch
 from trainer.distributed import DistInfo
 from trainer.engine import Amp, Engine, StepState
+from trainer.loader import Batch
 
 CPU = torch.device("cpu")
 
@@ -57,7 +57,7 @@ def test_scalars_are_read_once_per_log_interval_plus_once_per_epoch_and_heartbea
     assert res.host_reads == len(logged) + 1 <= 7 // 2 + 1
     assert len(beats) == 7  # one per optimizer step
     assert res.samples == 7 * 2 * 4 and 0 < res.loss < 10
-    val = engine.evaluate(engine.model, _batches(5, seed=1), expected=20)
+    val = engine.validate(engine.model, _batches(5, seed=1), expected=20)
     assert val["val_host_reads"] == 1 and val["val_count"] == 20
     assert len(beats) == 7 + 5  # and one per evaluation batch
 

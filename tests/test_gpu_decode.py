@@ -8,7 +8,7 @@ bitwise equal. When the crop box is at least twice the output size the CPU path 
 reduced DCT scale (1/2, 1/4, 1/8) and resizes from that; the device path always resizes the
 full-size decode. Those samples differ by a few levels: on a smooth photo-like scene the mean
 absolute difference per image stays below 4 of 255 (the CPU path itself is allowed 6 against
-torchvision's PIL reference at that size, tests/test_data.py); over a whole demo epoch at
+torchvision's PIL reference at that size, tests/test_loader.py); over a whole demo epoch at
 64 px (where ~6% of the samples are DCT-scaled, with noisy synthetic textures) the mean over
 all pixels stays below 1 level. On CUDA, nvJPEG's IDCT/upsampling adds its own small
 differences; that is not measurable here.
@@ -22,8 +22,8 @@ import pytest
 import torch
 
 from tests.conftest import run_cli
-from tests.test_data import jpeg_of, scene
-from trainer.data import LoaderConfig, make_train_loader, make_val_loader
+from tests.test_loader import jpeg_of, scene
+from trainer.loader import LoaderConfig, make_train_loader, make_val_loader
 from trainer.gpu_decode import RawBatch, decode_batch, header_size, resize
 from trainer.presets import EvalPreset, TrainPreset, _size
 
@@ -50,7 +50,7 @@ def raw_batches(loader) -> list[RawBatch]:
     """What the workers send under decode="gpu" (in-process, in plan order)."""
     ds = loader.dataset
     p = ds.plan(loader.epoch)
-    ds.epoch = loader.epoch  # what the loader's __getitem__ sets before load()
+    ds.epoch = loader.epoch  # as PlanDataset.__getitem__ sets it in a worker
     return [ds.load(p, b) for b in range(loader.start_batch, loader.num_batches)]
 
 

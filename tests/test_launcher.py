@@ -178,8 +178,10 @@ exit 0
 
 TORCHRUN_WORKER = r"""
 import sys, time
+import torch
 import torch.distributed as dist
-from trainer.spot import EXIT_INTERRUPTED, InterruptWatcher, agree, report_exit
+from trainer.distributed import any_rank
+from trainer.spot import EXIT_INTERRUPTED, InterruptWatcher, report_exit
 
 dist.init_process_group("gloo")
 watcher = InterruptWatcher(poll_imds=False).start()
@@ -187,7 +189,7 @@ for step in range(1, 100000):
     time.sleep(0.01)
     if step == 10 and dist.get_rank() == 0:
         open(sys.argv[1], "w").close()
-    if agree(watcher.requested()):
+    if any_rank([watcher.requested()], torch.device("cpu"))[0]:
         time.sleep(1.0)                   # the checkpoint upload
         print(f"rank {dist.get_rank()} stopped at step {step}: {watcher.reason}", flush=True)
         dist.barrier()                    # as the trainer does: nobody exits before everyone is done

@@ -130,7 +130,7 @@ def test_sigkilled_holder_is_taken_over_once_stale_and_the_resume_is_exact(where
             err = finish(proc, None)
             if proc.returncode != EXIT_USAGE:
                 break
-            assert f"on host-a" in err and refused < 20, err[-3000:]
+            assert "on host-a" in err and refused < 20, err[-3000:]
             refused += 1
             time.sleep(1)
         assert proc.returncode == 0, err[-6000:]

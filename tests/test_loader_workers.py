@@ -23,9 +23,9 @@ import torch
 from common import manifest as mf
 from tests.conftest import REPO, free_port
 from tests.faulty_proxy import FaultyProxy
-from tests.test_data import assert_same, build, cfg, run, upload_build  # noqa: F401 - build is a fixture
-from trainer import data
-from trainer.data import LoaderConfig, RunLoader, make_train_loader, make_val_loader
+from tests.test_loader import assert_same, build, cfg, run, upload_build  # noqa: F401 - build is a fixture
+from trainer import loader, sampling
+from trainer.loader import LoaderConfig, RunLoader, make_train_loader, make_val_loader
 
 
 def _stat(pid: int) -> dict[str, str]:
@@ -84,7 +84,7 @@ def test_run_loader_workers_come_from_the_forkserver_once_and_keep_their_order(b
 _OWNER = """
 import json, signal, sys
 from multiprocessing import forkserver
-from trainer.data import LoaderConfig, RunLoader
+from trainer.loader import LoaderConfig, RunLoader
 signal.signal(signal.SIGTERM, lambda *a: print("sigterm", flush=True))  # as the trainer: note it, go on
 cfg = LoaderConfig(sys.argv[1], batch_size=8, image_size=32, val_resize=36, val_size=32, num_workers=2)
 loaders = RunLoader(cfg, rank=0, world_size=1)
@@ -183,9 +183,9 @@ def expected_index_gets(root: str, lcfg: LoaderConfig, epochs: int, workers: int
     for split in ("train", "val"):
         counts = [s.num_samples for s in m.split(split).shards]
         for epoch in range(epochs):
-            p = (data.train_plan(lcfg, m, rank=0, world_size=1, epoch=epoch) if split == "train"
-                 else data.val_plan(lcfg, m, rank=0, world_size=1))
-            pairs = {(b % workers, int(s)) for b in range(len(p)) for s in data.planlib.locate(counts, p.batch(b))[0]}
+            p = (loader.planned_train_batches(lcfg, m, rank=0, world_size=1, epoch=epoch) if split == "train"
+                 else loader.planned_val_batches(lcfg, m, rank=0, world_size=1))
+            pairs = {(b % workers, int(s)) for b in range(len(p)) for s in sampling.locate(counts, p.batch(b))[0]}
             kept |= {(split, *x) for x in pairs}
             per_epoch += len(pairs)
     return len(kept), per_epoch

@@ -27,7 +27,7 @@ from shard_builder.build import build_shards
 from shard_builder.demo_tree import write_demo_tree
 from tests.conftest import REPO
 from tests.imds_emulator import ImdsEmulator
-from trainer import plan
+from trainer import sampling
 from trainer.spot import EXIT_INTERRUPTED
 
 ARGS = ["--arch", "resnet18", "--batch-size", "8", "--image-size", "32", "--val-resize", "36", "--workers", "1",
@@ -251,8 +251,8 @@ def test_elastic_resume_on_fewer_processes_keeps_global_batch_and_sees_each_samp
     # ... and exactly the samples the epoch's (world-size independent) global order puts in steps 0..6
     m = mf.load(data)
     counts_per_shard = [sh.num_samples for sh in m.split("train").shards]
-    ids = plan.global_order(counts_per_shard, seed=0, epoch=0)[: 7 * 16]
-    shard, index = plan.locate(counts_per_shard, ids)
+    ids = sampling.global_order(counts_per_shard, seed=0, epoch=0)[: 7 * 16]
+    shard, index = sampling.locate(counts_per_shard, ids)
     keys = {sh: mf.load_index(m, m.split("train").shards[sh]).keys for sh in set(shard.tolist())}
     assert set(counts) == {keys[a][b] for a, b in zip(shard.tolist(), index.tolist())}
 

@@ -27,14 +27,14 @@ POLL = 0.2
 # A training loop in miniature: one "step" every 20 ms, the stop check after each step.
 LOOP_CHILD = r"""
 import json, os, sys, time
-from trainer.spot import EXIT_INTERRUPTED, InterruptWatcher, agree, report_exit
+from trainer.spot import EXIT_INTERRUPTED, InterruptWatcher, report_exit
 
 watcher = InterruptWatcher(poll_interval_s=float(os.environ.get("POLL", "5"))).start()
 print(json.dumps({"polling": watcher.polling}), flush=True)
 for step in range(1, 3000):
     time.sleep(0.02)
     print(json.dumps({"step": step}), flush=True)
-    if agree(watcher.requested()):
+    if watcher.requested():  # one process: no ranks to agree with
         print(json.dumps({"stopped_at": step, "reason": watcher.reason}), flush=True)
         watcher.stop()
         report_exit(EXIT_INTERRUPTED, watcher.reason)
@@ -225,8 +225,10 @@ def test_stop_restores_previous_signal_handlers():
 
 DDP_CHILD = r"""
 import json, os, sys, time
+import torch
 import torch.distributed as dist
-from trainer.spot import EXIT_INTERRUPTED, InterruptWatcher, agree
+from trainer.distributed import any_rank
+from trainer.spot import EXIT_INTERRUPTED, InterruptWatcher
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()
@@ -235,7 +237,7 @@ out = open(os.environ["PROGRESS"] + f".{rank}", "w", buffering=1)
 for step in range(1, 5000):
     time.sleep(0.01)                       # the "training step"
     out.write(json.dumps({"step": step}) + "\n")
-    if agree(watcher.requested()):
+    if any_rank([watcher.requested()], torch.device("cpu"))[0]:
         out.write(json.dumps({"stopped_at": step, "reason": watcher.reason}) + "\n")
         out.close()
         watcher.stop()
@@ -274,4 +276,4 @@ def test_two_ranks_stop_at_the_same_step_when_only_one_gets_sigterm(tmp_path):
     ends = [_progress(Path(f"{progress}.{r}"))[-1] for r in range(2)]
     assert ends[0]["stopped_at"] == ends[1]["stopped_at"]
     assert ends[1]["reason"] == "SIGTERM"
-    assert ends[0]["reason"] is None  # rank 0 stopped because rank 1 asked, via agree()
+    assert ends[0]["reason"] is None  # rank 0 stopped because rank 1 asked, via any_rank()

@@ -177,7 +177,8 @@ _SAVE_LOOP = """
 import sys, torch
 from common import s3
 s3.MULTIPART_THRESHOLD = s3.MULTIPART_CHUNK = 5 * 2**20
-from trainer.checkpoint import CheckpointStore, FORMAT
+from trainer.checkpoint import CheckpointStore
+from trainer.state import FORMAT
 store = CheckpointStore(sys.argv[1], sys.argv[2], keep_last=0)
 start = int(sys.argv[3])
 for i in range(start, start + 1000):

@@ -37,11 +37,11 @@ import torch
 from common import storage
 from common.errors import UserError
 from common.lease import Lease, LeaseLost
+from trainer.state import TrainState
 
 log = logging.getLogger("trainer")
 CKPT_DIR = "checkpoints"
 LATEST = "latest.json"
-FORMAT = "imagenet-spot-checkpoint"
 
 
 def checkpoint_name(epoch: int, step_in_epoch: int) -> str:
@@ -290,7 +290,7 @@ class CheckpointStore:
                     if st is None or st.size != meta["bytes"] or st.metadata.get("sha256") != meta["sha256"]:
                         raise ValueError("the S3 object is missing or differs from its record (truncated?)")
                     self.local_path(meta["name"]).unlink(missing_ok=True)  # re-fetch: judge the shared bytes
-                load_checkpoint(self.obtain(meta))
+                TrainState.load(self.obtain(meta))
                 return meta
             except (OSError, ValueError, RuntimeError) as exc:
                 log.warning(f"checkpoint {url} is not usable ({exc}); trying the previous one (it is kept)")
@@ -299,14 +299,6 @@ class CheckpointStore:
             raise UserError(f"no usable checkpoint under {self.output} (tried {len(tried)}): "
                             "start over with --resume none --overwrite, or pass --resume PATH")
         return None
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """Load a training checkpoint with weights_only=True and check its format."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a training checkpoint of this project")
-    return state
 
 
 def fetch_any(url: str, scratch: str | None = None) -> Path:

@@ -110,6 +110,7 @@ def _bool_flag(p: argparse.ArgumentParser, name: str, default: bool, help: str) 
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The CLI: model, data and optimisation flags here, run-folder flags in _add_run_args."""
     d = {f.name: f.default for f in fields(TrainConfig)}
     p = argparse.ArgumentParser(prog="python -m trainer", description=__doc__.splitlines()[0])
     p.add_argument("--data", "--data_dir", "--data-dir", dest="data", required=True,
@@ -147,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d["seed"])
     _bool_flag(p, "deterministic", d["deterministic"], "deterministic algorithms (bitwise-reproducible on CPU)")
     p.add_argument("--device", default=d["device"], choices=["auto", "cpu", "cuda"])
+    _add_run_args(p, d)
+    return p
+
+
+def _add_run_args(p: argparse.ArgumentParser, d: dict) -> None:
+    """Flags about the run folder, checkpoints, logging and fault handling."""
     p.add_argument("--resume", nargs="?", const="auto", default=d["resume"],
                    help="auto (newest complete checkpoint under --output), none, or a checkpoint path/URL")
     p.add_argument("--overwrite", action="store_true", help="with --resume none: start over in a used --output")
@@ -177,7 +184,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lease-seconds", dest="lease_seconds", type=float, default=d["lease_seconds"],
                    help="one trainer per --output: another may take over a lease not renewed this long (renewed "
                         "every third of it)")
-    return p
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:

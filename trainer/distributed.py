@@ -59,6 +59,15 @@ def setup(device: str = "auto", timeout_minutes: float = 30) -> DistInfo:
     return DistInfo(rank, local_rank, world_size, dev)
 
 
+def rank_and_world(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """(rank, world size): the given ones, else torch.distributed's, else (0, 1)."""
+    if rank is not None and world_size is not None:
+        return rank, world_size
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def teardown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -3,7 +3,7 @@
     engine = Engine(model=ddp_model, optimizer=opt, amp=Amp.create("auto", device), dist=dinfo, ...)
     res = engine.train_epoch(loader, state, stop_after=steps, should_stop=watcher.requested,
                              checkpoint_due=due, on_checkpoint=save, log_every=50)
-    val = engine.evaluate(model, val_loader, expected=num_val)
+    val = engine.validate(model, val_loader, expected=num_val)
 
 (``python -m trainer --data ... --output ...`` drives it, see trainer/train.py.)
 
@@ -274,13 +274,18 @@ class Engine:
                 agree.launch(should_stop(), checkpoint_due(step + 1))
         agree.take()  # a loader that ended early leaves one pending
         res.seconds = time.perf_counter() - t0
+        return self._finish(res, sums, reads_before)
+
+    def _finish(self, res: EpochResult, sums: _Sums, reads_before: int) -> EpochResult:
+        """The epoch's totals over all ranks (one all_reduce, one read) into ``res``."""
         loss_sum, hits, seen, skipped, carried = sums.totals(self.reads)
         res.loss, res.top1 = loss_sum / max(1, seen), 100.0 * hits / max(1, seen)
         res.samples, res.skipped = int(seen - carried), int(skipped)
         res.host_reads = self.reads.count - reads_before
         return res
 
-    def evaluate(self, model: nn.Module, loader, expected: int) -> dict:
+    def validate(self, model: nn.Module, loader, expected: int) -> dict:
+        """The val metrics of ``model`` (:func:`evaluate_model` with this engine's settings and heartbeat)."""
         return evaluate_model(model, loader, expected, self.dist.device, self.amp, self.normalize, self.memory_format,
                               heartbeat=self.heartbeat)
 

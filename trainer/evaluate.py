@@ -16,7 +16,7 @@ import torch
 
 from common import manifest as mf
 from common.errors import UserError
-from trainer.data import LoaderConfig, make_val_loader
+from trainer.loader import LoaderConfig, make_val_loader
 from trainer.engine import Amp, evaluate_model
 from trainer.inference import load_for_inference
 from trainer.presets import DeviceNormalize

@@ -3,7 +3,7 @@ batch on the training device (nvJPEG on CUDA) and crops, resizes and flips it th
 
     python -m trainer --data s3://bucket/imagenet-10pct --output runs/r50 --decode gpu
 
-    from trainer.data import LoaderConfig, make_train_loader
+    from trainer.loader import LoaderConfig, make_train_loader
     cfg = LoaderConfig(root, decode="gpu", decode_device="cuda:0")
     for batch in make_train_loader(cfg, epoch=0):   # Batch.images: uint8 [B,3,H,W] on cuda:0
         ...
@@ -18,7 +18,7 @@ for the seeded RandomResizedCrop box and flip; it sends one byte blob per batch 
 shared-memory tensor, pinned by the DataLoader when ``pin_memory``) plus boxes, flips, labels
 and keys in plan order. ``decode_batch`` then decodes the whole batch with one
 ``torchvision.io.decode_jpeg(list, device=...)`` call, crops the box, resizes it with
-antialiased bilinear interpolation, flips, and returns the usual :class:`trainer.data.Batch`
+antialiased bilinear interpolation, flips, and returns the usual :class:`trainer.loader.Batch`
 (uint8 [B,3,S,S], labels and keys in the same order). Val uses EvalPreset's resize of the
 shorter side and center crop. Only the pixels differ slightly: the CPU path decodes at a
 reduced DCT scale before resizing, this one resizes from the full-size decode (see
@@ -75,38 +75,28 @@ def header_size(jpeg: bytes) -> tuple[int, int]:
 def _shared_uint8(n: int, worker: bool) -> torch.Tensor:
     if not worker:
         return torch.empty(n, dtype=torch.uint8)
-    # Straight into shared memory (as trainer.data does for images): sending it copies nothing.
+    # Straight into shared memory (as trainer.loader does for images): sending it copies nothing.
     return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(max(n, 1)))[:n]
 
 
 def read_raw(ds, p, b: int, worker: bool) -> RawBatch:
-    """Micro-batch ``b`` of plan ``p`` as bytes + crop parameters (``ds``: a trainer.data.PlanDataset)."""
-    ids = p.batch(b)
-    shard = np.searchsorted(ds.offsets, ids, side="right") - 1
-    local = ids - ds.offsets[shard]
-    jpegs = ds.store.read_jpegs(shard, local)
+    """Micro-batch ``b`` of plan ``p`` as bytes + crop parameters (``ds``: a trainer.loader.PlanDataset)."""
+    samples, skipped = ds.read_samples(p, b)
     train = isinstance(ds.preset, TrainPreset)
     kept: list[bytes] = []
     keys, labels, sizes, boxes, flips = [], [], [], [], []
-    skipped = 0
-    for s, i, jpeg in zip(shard.tolist(), local.tolist(), jpegs):
-        arrays = ds.store.index(s)
-        key = arrays.keys[i]
-        if jpeg is None:
-            skipped += 1
-            log.warning("skipped %s: shard %s is truncated", key, ds.store.url(s))
-            continue
+    for sample in samples:
         try:
-            width, height = header_size(jpeg)
+            width, height = header_size(sample.jpeg)
         except Exception as exc:  # noqa: BLE001 - Pillow raises many types for bad data
             skipped += 1
-            log.warning("skipped %s in %s: undecodable (%s: %s)", key, ds.store.url(s), type(exc).__name__, exc)
+            sample.log_undecodable(exc)
             continue
-        box, flip = (ds.preset.params(width, height, key, ds.cfg.seed, ds.epoch) if train
+        box, flip = (ds.preset.params(width, height, sample.key, ds.cfg.seed, ds.epoch) if train
                      else ((0, 0, width, height), False))
-        kept.append(jpeg)
-        keys.append(key)
-        labels.append(int(arrays.labels[i]))
+        kept.append(sample.jpeg)
+        keys.append(sample.key)
+        labels.append(sample.label)
         sizes.append((width, height))
         boxes.append(box)
         flips.append(flip)
@@ -167,9 +157,9 @@ def _crop_resize(img: torch.Tensor, preset, width: int, height: int, box) -> tor
     return resized[:, top:top + size, left:left + size]
 
 
-def decode_batch(raw: RawBatch, device) -> "Batch":  # noqa: F821 - trainer.data.Batch
+def decode_batch(raw: RawBatch, device) -> "Batch":  # noqa: F821 - trainer.loader.Batch
     """Decode, crop, resize and flip ``raw`` on ``device``: the Batch the CPU path would yield."""
-    from trainer.data import Batch
+    from trainer.loader import Batch
 
     device = torch.device(device)
     offsets = raw.offsets.tolist()

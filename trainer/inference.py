@@ -16,6 +16,7 @@ from trainer.checkpoint import fetch_any
 from trainer.config import default_val_resize
 from trainer.model import build_model
 from trainer.presets import IMAGENET_MEAN, IMAGENET_STD
+from trainer.state import check_weights, read
 
 
 @dataclass
@@ -33,12 +34,11 @@ class LoadedModel:
 def load_for_inference(ckpt: str, device: torch.device) -> LoadedModel:
     path = fetch_any(ckpt)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read(path)
     except Exception as exc:  # noqa: BLE001 - pickle/zip errors of many kinds
         raise UserError(f"{ckpt} is not a loadable checkpoint ({type(exc).__name__}): pass a .pth written by "
                         "the trainer") from None
-    if not isinstance(state, dict) or "model" not in state or "classes" not in state or "arch" not in state:
-        raise UserError(f"{ckpt} is not a checkpoint of this project (no model/classes/arch)")
+    check_weights(state, ckpt)
     classes = [ClassInfo(**c) for c in state["classes"]]
     cfg = state.get("config", {})
     model = build_model(state["arch"], len(classes))

@@ -115,7 +115,7 @@ def build_shards(work: Path, size: Size) -> str:
 
 
 def _loader_cfg(root: str, size: Size, device: torch.device, **kw):
-    from trainer.data import LoaderConfig
+    from trainer.loader import LoaderConfig
 
     base = dict(batch_size=size.batch, image_size=size.image, val_resize=round(size.image / 0.875),
                 num_workers=size.workers, seed=0, pin_memory=device.type == "cuda", with_keys=True)
@@ -125,7 +125,7 @@ def _loader_cfg(root: str, size: Size, device: torch.device, **kw):
 def check_loader(root: str, size: Size, device: torch.device) -> str:
     """One epoch: every train sample exactly once, uint8 [B,3,H,W], pinned on CUDA."""
     from common import manifest as mf
-    from trainer.data import make_train_loader
+    from trainer.loader import make_train_loader
 
     m = mf.load(root)
     want = sorted(k for s in m.split("train").shards for k in mf.load_index(m, s).keys)
@@ -146,7 +146,7 @@ def check_loader(root: str, size: Size, device: torch.device) -> str:
 
 def check_decode(root: str, size: Size, device: torch.device) -> str:
     """img/s of the train loader with CPU decode vs --decode gpu on ``device``; same keys and labels."""
-    from trainer.data import make_train_loader
+    from trainer.loader import make_train_loader
 
     rates, runs = {}, {}
     for mode in ("cpu", "gpu"):
@@ -229,7 +229,7 @@ def check_ddp(root: str, work: Path, size: Size, gpus: int) -> str:
 
 def _loader_rate(cfg, steps: int, step, sync) -> tuple[float, float]:
     """(img/s, fraction of the time spent waiting for data) over ``steps`` loader-fed steps."""
-    from trainer.data import make_train_loader
+    from trainer.loader import make_train_loader
 
     done = seen = epoch = 0
     wait = 0.0

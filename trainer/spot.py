@@ -5,14 +5,15 @@ How the training loop uses it (one watcher per process; only one process per *in
 polls the instance metadata service, i.e. local rank 0, so each node of a multi-node job
 watches its own notice)::
 
-    from trainer.spot import EXIT_INTERRUPTED, InterruptWatcher, agree, report_exit
+    from trainer.distributed import any_rank
+    from trainer.spot import EXIT_INTERRUPTED, InterruptWatcher, report_exit
 
     watcher = InterruptWatcher(poll_imds=None if local_rank == 0 else False,
                                poll_interval_s=cfg.imds_poll_seconds).start()
     try:
         for step in ...:
             train_step()
-            if agree(watcher.requested(), device):        # one tiny all_reduce per step
+            if any_rank([watcher.requested()], device)[0]:   # one tiny all_reduce per step
                 save_and_upload_checkpoint()               # must finish within ~60 s
                 dist.barrier()                             # nobody exits before the upload is done
                 report_exit(EXIT_INTERRUPTED, watcher.reason)   # on every rank (every node)
@@ -41,7 +42,6 @@ import json
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 import urllib.error
@@ -240,21 +240,6 @@ class InterruptWatcher:
 
 
 # --------------------------------------------------------------------------- ranks and exit
-def agree(flag: bool, device=None) -> bool:
-    """True on every rank if ``flag`` is true on any rank, so all ranks stop at the same step.
-
-    One all_reduce(MAX) of a single int32 on ``device`` (the rank's CUDA device under NCCL,
-    CPU under gloo); without an initialized process group it returns ``flag``. Every rank
-    must call it at the same point of every step.
-    """
-    dist = sys.modules.get("torch.distributed")  # never imported = no process group (and no import cost)
-    if dist is None or not (dist.is_available() and dist.is_initialized()):
-        return bool(flag)
-    from trainer.distributed import any_rank
-
-    return any_rank([flag], device)[0]
-
-
 def report_exit(code: int, reason: str | None = None, environ: Mapping[str, str] | None = None) -> None:
     """Record the exit code where the restart loop finds it (``$IMAGENET_EXIT_STATUS_FILE``).
 

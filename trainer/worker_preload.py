@@ -12,6 +12,6 @@ os.environ["OPENBLAS_NUM_THREADS"] = "1"
 try:
     import torchvision  # noqa: F401 - the trainer's main module imports it in every worker
 
-    import trainer.data  # noqa: F401
+    import trainer.loader  # noqa: F401
 except Exception:  # noqa: BLE001 - a failed preload must not kill the server: workers import it themselves
     pass

@@ -8,7 +8,7 @@ The training process has threads (checkpoint uploads, IMDS poller, S3 read pools
 and a ``fork()`` of a process with threads can deadlock in the child (CPython 3.11's
 after-fork clean-up waited on a lock another thread held). Workers therefore start from a
 forkserver (Linux) or spawn: the forkserver is a separate, single-threaded process started
-by exec; it forks the workers. See ``trainer.data`` for how the loaders use them.
+by exec; it forks the workers. See ``trainer.loader`` for how the loaders use them.
 """
 from __future__ import annotations
 

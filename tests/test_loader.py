@@ -1,7 +1,7 @@
 """The input pipeline on real shards (built from the demo tree), locally and on the loopback S3
 server: determinism, worker-count independence, exact resume, cache, faults, bad data; and the
 decode/augment presets against torchvision.
-Multi-process DDP runs are in test_data_ddp.py."""
+Multi-process DDP runs are in test_loader_ddp.py."""
 from __future__ import annotations
 
 import json
@@ -19,7 +19,7 @@ from common import s3, storage, wds_s3
 from common.errors import UserError
 from tests.conftest import free_port
 from tests.faulty_proxy import FaultyProxy
-from trainer.data import LoaderConfig, make_train_loader, make_val_loader
+from trainer.loader import LoaderConfig, make_train_loader, make_val_loader
 from trainer.reader import ShardStore
 
 

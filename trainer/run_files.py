@@ -1,28 +1,35 @@
-"""Run-folder outputs written by rank 0: log file, metrics.jsonl, training_curves.png, config.json.
+"""Run-folder outputs: log file, metrics.jsonl, training_curves.png, config.json (rank 0),
+the progress lines and bar (rank 0), the per-rank sample audit files (--sample-log).
 
 With an s3:// output they are written in the local staging folder and uploaded after
 every epoch (they are small); on resume the previous metrics.jsonl is fetched first so
-the history and the curves continue. Also: running top-k accuracy helpers.
+the history and the curves continue.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
+import sys
+import tempfile
+import time
 from datetime import datetime
 from pathlib import Path
 
-import torch
 
 from common import storage
 from common.log import setup_logging
 
 
-def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[int]:
-    """Number of samples whose label is among the top-k logits, for each k. logits: [B, C]."""
-    k_max = min(max(ks), logits.shape[1])
-    top = logits.topk(k_max, dim=1).indices  # [B, k_max]
-    hit = top.eq(labels[:, None])
-    return [int(hit[:, :min(k, k_max)].any(dim=1).sum()) for k in ks]
+def local_dir_for(output: str, local_dir: str | None) -> str:
+    """Where rank 0 writes the run's files: the output folder itself, or for an s3:// output
+    ``local_dir`` (default: a temp folder named after the output, the same on every start)."""
+    if not storage.is_s3(output):
+        return str(Path(output).expanduser())
+    if local_dir:
+        return local_dir
+    return str(Path(tempfile.gettempdir(), "imagenet-spot-" + hashlib.sha256(output.encode()).hexdigest()[:12]))
 
 
 class RunFiles:
@@ -93,3 +100,45 @@ class RunFiles:
                 storage.upload_file(self.local / name, storage.join(self.output, name))
         if self.log_path and self.log_path.exists():
             storage.upload_file(self.log_path, storage.join(self.output, self.log_path.name))
+
+
+def sample_log(enabled: bool, local: Path, epoch: int, rank: int):
+    """Append-mode audit file of the keys each rank trained on (a resumed run appends)."""
+    if not enabled:
+        return contextlib.nullcontext(None)
+    path = Path(local, "samples", f"epoch{epoch + 1:03d}_rank{rank}.jsonl")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return open(path, "a", buffering=1)  # line-buffered: readable while training runs
+
+
+class _Bar:
+    def __init__(self, total: int, initial: int, desc: str, global_batch: int):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, leave=False)
+        self.t0, self.n0, self.global_batch = time.perf_counter(), initial, global_batch
+
+    def update(self, s, loss: float, top1: float, lr: float) -> None:
+        self.bar.update(s.step_in_epoch - self.bar.n)
+        rate = (s.step_in_epoch - self.n0) * self.global_batch / max(1e-9, time.perf_counter() - self.t0)
+        self.bar.set_postfix_str(f"loss {loss:.3f} acc {top1:.1f}% {rate:.0f} img/s lr {lr:.3g}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def progress(is_main: bool, logger, s, steps: int, global_batch: int):
+    """(report, bar): rank 0's report every --log-every-steps steps (a log line, and a tqdm bar
+    when attached to a terminal); (None, None) on the other ranks, which then read nothing.
+    ``s`` is the StepState the epoch starts at."""
+    if not is_main:
+        return None, None
+    bar = _Bar(steps, s.step_in_epoch, f"epoch {s.epoch + 1}", global_batch) if sys.stderr.isatty() else None
+
+    def report(st, loss: float, top1: float, lr: float) -> None:
+        logger.info(f"epoch {st.epoch + 1} step {st.step_in_epoch}/{steps}: loss {loss:.4f} top-1 {top1:.2f}% "
+                    f"(rank 0, running) lr {lr:.4g}")
+        if bar:
+            bar.update(st, loss, top1, lr)
+
+    return report, bar

@@ -1,6 +1,6 @@
 """Train and val loaders over the shards: exact epochs and exact resume for any ranks x workers.
 
-    from trainer.data import LoaderConfig, RunLoader
+    from trainer.loader import LoaderConfig, RunLoader
     cfg = LoaderConfig("s3://bucket/imagenet-10pct", batch_size=256, num_workers=8, cache_dir="/mnt/cache")
     with RunLoader(cfg, manifest=manifest) as loaders:   # rank/world size from torch.distributed
         for epoch in range(start_epoch, epochs):
@@ -13,7 +13,7 @@
 ``make_train_loader(cfg, epoch=...)`` / ``make_val_loader(cfg)`` give one pass on workers of
 its own (tools, tests); a training run uses one :class:`RunLoader`.
 
-How (details in ``trainer.plan``): each rank's micro-batches are a pure function of (shard
+How (details in ``trainer.sampling``): each rank's micro-batches are a pure function of (shard
 counts, seed, epoch, world size, batch sizes). The main process asks for items ``(epoch, b)``,
 ``b = start_batch, start_batch + 1, ...``; torch's DataLoader hands them to the workers in turn
 and returns the results in that order, so the output is the same whatever ``num_workers`` is
@@ -46,8 +46,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from common import manifest as mf
-from common import wds_s3
-from trainer import plan as planlib
+from trainer import sampling
+from trainer.distributed import rank_and_world
 from trainer.presets import DECODERS, EvalPreset, TrainPreset
 from trainer.reader import ShardStore
 from trainer.workers import WORKER_START_METHODS, WorkerInit, worker_context
@@ -112,31 +112,35 @@ class Batch(NamedTuple):
     index: int              # per-rank micro-batch index in the epoch: resume with start_batch=index + 1
 
 
+class Sample(NamedTuple):
+    """One sample read from its shard, not decoded yet."""
+
+    key: str
+    label: int
+    jpeg: bytes
+    shard_url: str
+
+    def log_undecodable(self, exc: Exception) -> None:
+        log.warning("skipped %s in %s: undecodable (%s: %s)", self.key, self.shard_url, type(exc).__name__, exc)
+
+
 def _identity(x):
     return x
 
 
-def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    if rank is not None and world_size is not None:
-        return rank, world_size
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def train_plan(cfg: LoaderConfig, manifest: mf.Manifest, *, rank: int, world_size: int, epoch: int) -> planlib.RankPlan:
+def planned_train_batches(cfg: LoaderConfig, manifest: mf.Manifest, *, rank: int, world_size: int,
+                          epoch: int) -> sampling.RankPlan:
     """The micro-batches ``make_train_loader`` yields for this rank and epoch, without loading anything."""
     counts = [s.num_samples for s in manifest.split(cfg.train_split).shards]
-    return planlib.train_plan(counts, seed=cfg.seed, epoch=epoch, rank=rank, world_size=world_size,
+    return sampling.train_plan(counts, seed=cfg.seed, epoch=epoch, rank=rank, world_size=world_size,
                               batch_size=cfg.batch_size, accum=cfg.accum, chunk_size=cfg.chunk_size,
                               shuffle_window=cfg.shuffle_window, drop_last=cfg.drop_last)
 
 
-def val_plan(cfg: LoaderConfig, manifest: mf.Manifest, *, rank: int, world_size: int) -> planlib.RankPlan:
+def planned_val_batches(cfg: LoaderConfig, manifest: mf.Manifest, *, rank: int, world_size: int) -> sampling.RankPlan:
+    """This rank's val batches (:func:`trainer.sampling.val_plan` with the loader's settings)."""
     counts = [s.num_samples for s in manifest.split(cfg.val_split).shards]
-    return planlib.val_plan(counts, rank=rank, world_size=world_size, batch_size=cfg.val_batch_size or cfg.batch_size)
+    return sampling.val_plan(counts, rank=rank, world_size=world_size, batch_size=cfg.val_batch_size or cfg.batch_size)
 
 
 class PlanDataset(Dataset):
@@ -152,50 +156,37 @@ class PlanDataset(Dataset):
         self.epoch = 0
         split = cfg.train_split if train else cfg.val_split
         self.store = ShardStore(manifest, split, cache_dir=cfg.cache_dir, io_threads=cfg.io_threads)
-        self.offsets = planlib.shard_offsets(self.store.counts)
+        self.offsets = sampling.shard_offsets(self.store.counts)
         self.preset = (TrainPreset(cfg.image_size, decoder=cfg.decoder) if train else
                        EvalPreset(cfg.val_size or cfg.image_size, cfg.val_resize, decoder=cfg.decoder))
-        self._plans: dict[int, planlib.RankPlan] = {}
+        self._plans: dict[int, sampling.RankPlan] = {}
 
     def __getstate__(self):
         return {**self.__dict__, "_plans": {}}
 
-    def plan(self, epoch: int) -> planlib.RankPlan:
+    def plan(self, epoch: int) -> sampling.RankPlan:
         """The epoch's plan, computed once per process (val: the same for every epoch)."""
         epoch = epoch if self.train else 0
         p = self._plans.get(epoch)
         if p is None:
             m = self.store.manifest
-            p = (train_plan(self.cfg, m, rank=self.rank, world_size=self.world_size, epoch=epoch) if self.train
-                 else val_plan(self.cfg, m, rank=self.rank, world_size=self.world_size))
+            p = (planned_train_batches(self.cfg, m, rank=self.rank, world_size=self.world_size, epoch=epoch)
+                 if self.train else planned_val_batches(self.cfg, m, rank=self.rank, world_size=self.world_size))
             self._plans = {epoch: p}  # only the current one: epochs only move forward
         return p
 
     def __getitem__(self, item: tuple[int, int]) -> Batch:
-        wds_s3.register()  # per process: forkserver/spawn workers start without it
         epoch, b = item
         p = self.plan(epoch)
         self.epoch = epoch
         return self.load(p, b)
 
-    def load(self, p: planlib.RankPlan, b: int) -> Batch:
-        if self.cfg.decode == "gpu":  # bytes + crop boxes only; ShardLoader decodes on the device
-            from trainer.gpu_decode import read_raw
-            return read_raw(self, p, b, worker=get_worker_info() is not None)
-        ids = p.batch(b)
-        shard = np.searchsorted(self.offsets, ids, side="right") - 1
-        local = ids - self.offsets[shard]
+    def read_samples(self, p: sampling.RankPlan, b: int) -> tuple[list["Sample"], int]:
+        """Micro-batch ``b``'s samples that arrived, in plan order, and how many did not (a
+        truncated shard: logged). The CPU path and ``--decode gpu`` both read through here."""
+        shard, local = sampling.locate_in(self.offsets, p.batch(b))
         jpegs = self.store.read_jpegs(shard, local)
-        size = self.preset.size
-        shape = (len(ids), 3, size, size)
-        if get_worker_info() is None:
-            images = torch.empty(shape, dtype=torch.uint8)
-        else:  # straight into shared memory, as default_collate does: sending it then copies nothing
-            images = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(int(np.prod(shape))))
-            images = images.view(shape)
-        labels = np.empty(len(ids), dtype=np.int64)
-        keys: list[str] = []
-        n = skipped = 0
+        samples, skipped = [], 0
         for s, i, jpeg in zip(shard.tolist(), local.tolist(), jpegs):
             arrays = self.store.index(s)
             key = arrays.keys[i]
@@ -203,14 +194,33 @@ class PlanDataset(Dataset):
                 skipped += 1
                 log.warning("skipped %s: shard %s is truncated", key, self.store.url(s))
                 continue
+            samples.append(Sample(key, int(arrays.labels[i]), jpeg, self.store.url(s)))
+        return samples, skipped
+
+    def load(self, p: sampling.RankPlan, b: int) -> Batch:
+        if self.cfg.decode == "gpu":  # bytes + crop boxes only; ShardLoader decodes on the device
+            from trainer.gpu_decode import read_raw
+            return read_raw(self, p, b, worker=get_worker_info() is not None)
+        samples, skipped = self.read_samples(p, b)
+        size = self.preset.size
+        shape = (len(samples), 3, size, size)
+        if get_worker_info() is None:
+            images = torch.empty(shape, dtype=torch.uint8)
+        else:  # straight into shared memory, as default_collate does: sending it then copies nothing
+            images = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(int(np.prod(shape))))
+            images = images.view(shape)
+        labels = np.empty(len(samples), dtype=np.int64)
+        keys: list[str] = []
+        n = 0
+        for sample in samples:
             try:
-                images[n].copy_(self.preset(jpeg, key, self.cfg.seed, self.epoch))
+                images[n].copy_(self.preset(sample.jpeg, sample.key, self.cfg.seed, self.epoch))
             except Exception as exc:  # noqa: BLE001 - Pillow raises many types for bad data
                 skipped += 1
-                log.warning("skipped %s in %s: undecodable (%s: %s)", key, self.store.url(s), type(exc).__name__, exc)
+                sample.log_undecodable(exc)
                 continue
-            labels[n] = arrays.labels[i]
-            keys.append(key)
+            labels[n] = sample.label
+            keys.append(sample.key)
             n += 1
         return Batch(images[:n], torch.from_numpy(labels[:n]), int(p.steps[b]), int(p.micros[b]), int(p.num_micros[b]),
                      skipped, keys if self.cfg.with_keys else None, b)
@@ -239,7 +249,6 @@ class _Split:
 
     def __init__(self, cfg: LoaderConfig, manifest: mf.Manifest, train: bool, rank: int, world_size: int,
                  persistent: bool = True):
-        wds_s3.register()
         self.name = "train" if train else "val"
         self.dataset = PlanDataset(cfg, manifest, train, rank, world_size)
         self.sampler = _PassSampler()
@@ -328,7 +337,7 @@ def _counts(cfg: LoaderConfig, manifest: mf.Manifest, world_size: int) -> tuple[
     """(train micro-batches per rank, optimizer steps) per epoch."""
     n = manifest.split(cfg.train_split).num_samples
     kw = dict(world_size=world_size, batch_size=cfg.batch_size, accum=cfg.accum, drop_last=cfg.drop_last)
-    return planlib.batches_per_rank(n, **kw), planlib.steps_per_epoch(n, **kw)
+    return sampling.batches_per_rank(n, **kw), sampling.steps_per_epoch(n, **kw)
 
 
 class RunLoader:
@@ -338,10 +347,10 @@ class RunLoader:
     def __init__(self, cfg: LoaderConfig, *, rank: int | None = None, world_size: int | None = None,
                  manifest: mf.Manifest | None = None):
         self.cfg = cfg
-        self.rank, self.world_size = _rank_world(rank, world_size)
+        self.rank, self.world_size = rank_and_world(rank, world_size)
         self.manifest = manifest or mf.load(cfg.root)
         self.num_batches, self.steps_per_epoch = _counts(cfg, self.manifest, self.world_size)
-        self.num_val_batches = len(val_plan(cfg, self.manifest, rank=self.rank, world_size=self.world_size))
+        self.num_val_batches = len(planned_val_batches(cfg, self.manifest, rank=self.rank, world_size=self.world_size))
         self._train = _Split(cfg, self.manifest, True, self.rank, self.world_size)
         self._val = _Split(cfg, self.manifest, False, self.rank, self.world_size)
 
@@ -372,7 +381,7 @@ def make_train_loader(cfg: LoaderConfig, *, epoch: int, start_batch: int = 0, ra
 
     rank/world_size default to torch.distributed's (or 0/1).
     """
-    rank, world_size = _rank_world(rank, world_size)
+    rank, world_size = rank_and_world(rank, world_size)
     manifest = manifest or mf.load(cfg.root)
     num_batches, steps = _counts(cfg, manifest, world_size)
     if not 0 <= start_batch <= num_batches:
@@ -384,8 +393,8 @@ def make_train_loader(cfg: LoaderConfig, *, epoch: int, start_batch: int = 0, ra
 def make_val_loader(cfg: LoaderConfig, *, rank: int | None = None, world_size: int | None = None,
                     manifest: mf.Manifest | None = None) -> ShardLoader:
     """This rank's share of the val split on its own workers (a run uses :meth:`RunLoader.val`)."""
-    rank, world_size = _rank_world(rank, world_size)
+    rank, world_size = rank_and_world(rank, world_size)
     manifest = manifest or mf.load(cfg.root)
-    num_batches = len(val_plan(cfg, manifest, rank=rank, world_size=world_size))
+    num_batches = len(planned_val_batches(cfg, manifest, rank=rank, world_size=world_size))
     split = _Split(cfg, manifest, False, rank, world_size, persistent=False)
     return ShardLoader(split, 0, 0, num_batches, num_batches, owns_split=True)

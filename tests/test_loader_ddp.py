@@ -1,7 +1,7 @@
 """Real multi-process runs: ranks are separate processes joined by torch.distributed (gloo on
 127.0.0.1, a free port), each with its own DataLoader workers.
 
-Each rank runs ``python -m tests.test_data_ddp ROOT OUT ...`` (the ``main`` below): it loads two
+Each rank runs ``python -m tests.test_loader_ddp ROOT OUT ...`` (the ``main`` below): it loads two
 train epochs and the val split, checks with an all_gather that every rank has the same number
 of train batches, and writes its keys to OUT/rank-R.json for the test to check globally.
 """
@@ -17,7 +17,7 @@ import pytest
 
 from common import manifest as mf
 from tests.conftest import REPO, free_port
-from tests.test_data import upload_build
+from tests.test_loader import upload_build
 
 
 def all_keys(root: str, split: str) -> list[str]:
@@ -29,7 +29,7 @@ def launch(root: str, out: Path, world: int, workers: int, timeout: float = 120)
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(REPO), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                WORLD_SIZE=str(world))
-    procs = [subprocess.Popen([sys.executable, "-m", "tests.test_data_ddp", root, str(out), str(workers)],
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.test_loader_ddp", root, str(out), str(workers)],
                               cwd=REPO, env={**env, "RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) for r in range(world)]
     outputs = []
@@ -88,10 +88,10 @@ def test_more_ranks_and_workers_than_shards(two_shard_build, tmp_path):
 
 
 def main() -> None:
-    """One rank: ``python -m tests.test_data_ddp ROOT OUT WORKERS`` with RANK/WORLD_SIZE/MASTER_* set."""
+    """One rank: ``python -m tests.test_loader_ddp ROOT OUT WORKERS`` with RANK/WORLD_SIZE/MASTER_* set."""
     import torch.distributed as dist
 
-    from trainer.data import LoaderConfig, make_train_loader, make_val_loader
+    from trainer.loader import LoaderConfig, make_train_loader, make_val_loader
 
     root, out, workers = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
     dist.init_process_group("gloo", init_method="env://")

@@ -4,12 +4,12 @@ Everything here is a pure function of (shard sample counts, seed, epoch, global 
 with numpy in a few tens of milliseconds for ImageNet-size splits, so every DataLoader worker
 recomputes it instead of receiving it, and a resumed or re-sized run recomputes the same one::
 
-    from trainer import plan
+    from trainer import sampling
     counts = [s.num_samples for s in manifest.split("train").shards]
-    p = plan.train_plan(counts, seed=0, epoch=3, rank=1, world_size=8, batch_size=256)
+    p = sampling.train_plan(counts, seed=0, epoch=3, rank=1, world_size=8, batch_size=256)
     len(p)              # micro-batches of rank 1 this epoch: the same on every rank
     p.batch(17)         # global sample ids of its micro-batch 17 (shard offset + index in shard)
-    plan.locate(counts, p.batch(17))   # -> (shard numbers, indices inside the shards)
+    sampling.locate(counts, p.batch(17))   # -> (shard numbers, indices inside the shards)
 
 Train order (see :func:`global_order`): shards in a seeded order, each cut into chunks of
 ``chunk_size`` consecutive samples (one byte-range read each), the chunk stream rotated by a
@@ -57,7 +57,11 @@ def shard_offsets(counts) -> np.ndarray:
 
 def locate(counts, ids) -> tuple[np.ndarray, np.ndarray]:
     """Global sample ids -> (shard numbers, indices inside those shards)."""
-    offsets = shard_offsets(counts)
+    return locate_in(shard_offsets(counts), ids)
+
+
+def locate_in(offsets: np.ndarray, ids) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`locate` given the :func:`shard_offsets` (computed once by a loader)."""
     ids = np.asarray(ids, dtype=np.int64)
     # side="right" - 1 picks the last shard starting at or before the id, skipping empty shards.
     shard = np.searchsorted(offsets, ids, side="right") - 1
