@@ -1,1 +1,2 @@
-"""Pieces shared by the shard builder and the trainer: storage, manifest, classes, logging."""
+"""Pieces shared by the shard builder and the trainer: storage (local and s3://), manifest, lease,
+exit codes and the CLI error handler, logging."""

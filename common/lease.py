@@ -197,14 +197,26 @@ class Lease:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)
-            try:
-                seen = storage.get_versioned(self.url)
-                raise self._held_error(_parse(seen.data), seen.age_s) from None
-            except FileNotFoundError:
-                raise self._held_error(None, None) from None
+            raise self._local_holder_error() from None
         self._fd = fd
         _child_fds.add(fd)
         self.etag = storage.put_versioned(self.url, self._body())  # ours while the flock is ours
+
+    def _local_holder_error(self, wait_s: float = 3.0) -> "LeaseHeld":
+        """The error naming the process that holds the lock. It writes its record right after
+        taking the lock, so a missing or released record is re-read for up to ``wait_s``."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                seen = storage.get_versioned(self.url)
+                other = _parse(seen.data)
+                if other and not other.get("released"):
+                    return self._held_error(other, seen.age_s)
+            except FileNotFoundError:
+                other = None
+            if time.monotonic() >= deadline:
+                return self._held_error(None, None)
+            time.sleep(0.1)
 
     # ------------------------------------------------------------------ renew
     def renew(self) -> None:
