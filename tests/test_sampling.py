@@ -2,8 +2,6 @@
 order, worker-count independence, elastic invariance, and speed at ImageNet scale."""
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 
@@ -184,11 +182,10 @@ def test_locate_maps_to_shard_and_index():
     assert idx.tolist() == [0, 1, 2, 0, 1, 0, 1, 2, 3]
 
 
-def test_imagenet_scale_plan_is_fast():
-    counts = [1281] * 1000  # ~1.28M samples, ImageNet-1k train
-    sampling.train_plan(counts, seed=0, epoch=0, rank=0, world_size=8, batch_size=256)  # warm up numpy
-    t0 = time.perf_counter()
+def test_imagenet_scale_plan_covers_each_sample_at_most_once():
+    """At ImageNet-1k size (1.28M samples, 8 ranks): the plan is computed (each DataLoader worker
+    recomputes it) and its micro-batches hold distinct, valid ids. How fast: bench, not here."""
+    counts = [1281] * 1000
     p = sampling.train_plan(counts, seed=0, epoch=1, rank=7, world_size=8, batch_size=256)
-    elapsed = time.perf_counter() - t0
     assert len(p) == sampling.batches_per_rank(sum(counts), world_size=8, batch_size=256)
-    assert elapsed < 0.5, f"plan took {elapsed:.3f}s"  # ~0.1 s on one core; slack for busy CI
+    assert len(np.unique(p.ids)) == len(p.ids) and 0 <= p.ids.min() and p.ids.max() < sum(counts)
