@@ -75,3 +75,27 @@ def run_cli(*args: str, env: dict | None = None, unset: tuple[str, ...] = (), ti
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} exited {proc.returncode}\nstdout:{proc.stdout}\nstderr:{proc.stderr}")
     return proc
+
+
+def shards_in_s3(tmp_path_factory, s3_server: str, bucket: str, *, classes: int, train_per_class: int,
+                 val_per_class: int, seed: int, shard_max_count: int, workers: int = 2,
+                 prefix: str = "shards") -> dict:
+    """A demo tree built into local shards and uploaded to ``s3://bucket/prefix`` (the bucket is
+    created if needed). Returns {"local": shard folder, "s3": URL, "tree": tree root}."""
+    import boto3
+
+    from common import storage
+    from shard_builder.build import build_shards
+    from shard_builder.demo_tree import write_demo_tree
+
+    tree = write_demo_tree(tmp_path_factory.mktemp("tree") / "kaggle", classes=classes,
+                           train_per_class=train_per_class, val_per_class=val_per_class, seed=seed)
+    local = tmp_path_factory.mktemp("shards") / "s"
+    build_shards(str(tree.root), str(local), shard_max_count=shard_max_count, workers=workers)
+    client = boto3.client("s3", endpoint_url=s3_server)
+    if bucket not in [b["Name"] for b in client.list_buckets().get("Buckets", [])]:
+        client.create_bucket(Bucket=bucket)
+    for path in local.rglob("*"):
+        if path.is_file() and "logs" not in path.parts:
+            storage.upload_file(path, f"s3://{bucket}/{prefix}/{path.relative_to(local).as_posix()}")
+    return {"local": str(local), "s3": f"s3://{bucket}/{prefix}", "tree": str(tree.root)}

@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import sys
 import textwrap
+import time
 import zipfile
 from pathlib import Path
 
@@ -173,3 +176,20 @@ def make_wheelhouse(folder: Path) -> Path:
             z.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
             z.writestr(f"{info}/RECORD", "")
     return folder
+
+
+def sigterm_when_started(proc: subprocess.Popen, started: Path, what: str, start_s: float = 90,
+                         end_s: float = 60) -> str:
+    """Wait (bounded) until ``started`` exists, SIGTERM the restart loop ``proc`` as systemd
+    would, and return its output; the loop is killed whatever happens."""
+    try:
+        deadline = time.monotonic() + start_s
+        while not started.exists():
+            assert time.monotonic() < deadline and proc.poll() is None, f"{what} did not start"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=end_s)
+    finally:
+        proc.kill()
+        proc.wait()
+    return out

@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO
-from tests.ec2_standins import calls, install_standins, standin_env
+from tests.ec2_standins import calls, install_standins, sigterm_when_started, standin_env
 from tests.imds_emulator import ImdsEmulator
 
 LOOP = REPO / "scripts" / "ec2" / "train-loop.sh"
@@ -168,16 +166,7 @@ def test_sigterm_gives_the_ranks_the_full_upload_budget_whatever_torchrun_allows
         env = _env(tmp_path, imds, TRAIN_CMD=cmd, TORCH_ELASTIC_SHUTDOWN_TIMEOUT="1", INTERRUPTED_WAIT_S="600")
         proc = subprocess.Popen(["bash", str(LOOP)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True)
-        try:
-            deadline = time.monotonic() + 90
-            while not running.exists():
-                assert time.monotonic() < deadline and proc.poll() is None, "the worker did not start"
-                time.sleep(0.1)
-            proc.send_signal(signal.SIGTERM)
-            out, _ = proc.communicate(timeout=60)
-        finally:
-            proc.kill()
-            proc.wait()
+        out = sigterm_when_started(proc, running, "the worker")
     assert proc.returncode == 75, out
     assert uploaded.read_text() == "uploaded", out
     assert "SIGTERM to the ranks" in out

@@ -20,7 +20,7 @@ import pytest
 
 from common import storage
 from tests.conftest import REPO
-from tests.ec2_standins import calls, install_standins, standin_env
+from tests.ec2_standins import calls, install_standins, sigterm_when_started, standin_env
 from tests.imds_emulator import ImdsEmulator
 
 EC2 = REPO / "scripts" / "ec2"
@@ -206,16 +206,7 @@ def test_sigterm_through_real_torchrun_ends_with_75(tmp_path):
     cmd = f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node=2 {worker} {running}"
     env = _env(STATE_DIR=tmp_path / "state", TRAIN_CMD=cmd, AWS_EC2_METADATA_DISABLED="true")
     proc = subprocess.Popen(["bash", str(LOOP)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 90
-        while not running.exists():
-            assert time.monotonic() < deadline and proc.poll() is None, "workers did not start"
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-        proc.wait()
+    out = sigterm_when_started(proc, running, "the workers")
     assert proc.returncode == 75, out
     # findall, not lines: the ranks' unbuffered prints can interleave on the shared pipe
     stops = dict(re.findall(r"rank (\d+) stopped at step (\d+)", out))

@@ -25,9 +25,7 @@ import pytest
 from common import storage
 from common.errors import EXIT_INTERRUPTED, EXIT_LEASE_LOST, EXIT_USAGE
 from common.lease import HOST_ENV, LEASE_NAME, Lease, LeaseHeld, identity
-from shard_builder.build import build_shards
-from shard_builder.demo_tree import write_demo_tree
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, run_cli, shards_in_s3
 from tests.test_resilience import ARGS, assert_bitwise_equal, final_model, latest, wait_for
 
 
@@ -63,17 +61,8 @@ def sidecars(out: str) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory, s3_server):
-    import boto3
-
-    tree = write_demo_tree(tmp_path_factory.mktemp("tree") / "kaggle", classes=4, train_per_class=30,
-                           val_per_class=5, seed=2)
-    local = tmp_path_factory.mktemp("shards") / "s"
-    build_shards(str(tree.root), str(local), shard_max_count=25, workers=2)
-    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="leases")
-    for path in local.rglob("*"):
-        if path.is_file() and "logs" not in path.parts:
-            storage.upload_file(path, f"s3://leases/shards/{path.relative_to(local).as_posix()}")
-    return {"local": str(local), "s3": "s3://leases/shards", "tree": str(tree.root)}
+    return shards_in_s3(tmp_path_factory, s3_server, "leases", classes=4, train_per_class=30, val_per_class=5,
+                        seed=2, shard_max_count=25)
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from common import manifest as mf
 from common import storage
 from shard_builder.build import build_shards
 from shard_builder.demo_tree import write_demo_tree
-from tests.conftest import REPO
+from tests.conftest import REPO, shards_in_s3
 from tests.imds_emulator import ImdsEmulator
 from trainer import sampling
 from trainer.spot import EXIT_INTERRUPTED
@@ -82,17 +82,8 @@ def wait_for(predicate, timeout: float = 300, what: str = "condition"):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, s3_server):
-    import boto3
-
-    tree = write_demo_tree(tmp_path_factory.mktemp("tree") / "kaggle", classes=4, train_per_class=30,
-                           val_per_class=5, seed=2)
-    local = tmp_path_factory.mktemp("shards") / "s"
-    build_shards(str(tree.root), str(local), shard_max_count=25, workers=2)
-    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="resilience")
-    for path in local.rglob("*"):
-        if path.is_file() and "logs" not in path.parts:
-            storage.upload_file(path, f"s3://resilience/shards/{path.relative_to(local).as_posix()}")
-    return "s3://resilience/shards"
+    return shards_in_s3(tmp_path_factory, s3_server, "resilience", classes=4, train_per_class=30, val_per_class=5,
+                        seed=2, shard_max_count=25)["s3"]
 
 
 @pytest.fixture(scope="module")

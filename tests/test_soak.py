@@ -16,8 +16,7 @@ import pytest
 
 from common import manifest as mf
 from common import storage
-from shard_builder.build import build_shards
-from shard_builder.demo_tree import write_demo_tree
+from tests.conftest import shards_in_s3
 from tests.test_resilience import _env, finish, start
 
 EPOCHS = 40
@@ -30,17 +29,8 @@ ARGS = ["--arch", "shufflenet_v2_x0_5", "--batch-size", "4", "--global-batch", "
 
 @pytest.fixture(scope="module")
 def soak_data(tmp_path_factory, s3_server):
-    import boto3
-
-    tree = write_demo_tree(tmp_path_factory.mktemp("soaktree") / "kaggle", classes=3, train_per_class=6,
-                           val_per_class=3, seed=7)
-    local = tmp_path_factory.mktemp("soakshards") / "s"
-    build_shards(str(tree.root), str(local), shard_max_count=5, workers=2)
-    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="soak")
-    for path in local.rglob("*"):
-        if path.is_file() and "logs" not in path.parts:
-            storage.upload_file(path, f"s3://soak/shards/{path.relative_to(local).as_posix()}")
-    return "s3://soak/shards"
+    return shards_in_s3(tmp_path_factory, s3_server, "soak", classes=3, train_per_class=6, val_per_class=3,
+                        seed=7, shard_max_count=5)["s3"]
 
 
 def test_forty_tiny_ddp_epochs_with_val_and_s3_checkpoints_complete(soak_data, tmp_path):

@@ -17,11 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from common import storage
 from common.errors import EXIT_HUNG
-from shard_builder.build import build_shards
-from shard_builder.demo_tree import write_demo_tree
-from tests.conftest import REPO
+from tests.conftest import REPO, shards_in_s3
 from tests.faulty_proxy import FaultyProxy
 from trainer.watchdog import collective_timeout_minutes
 
@@ -123,17 +120,8 @@ ARGS = ["--arch", "resnet18", "--batch-size", "8", "--image-size", "32", "--val-
 
 @pytest.fixture(scope="module")
 def s3_data(tmp_path_factory, s3_server):
-    import boto3
-
-    tree = write_demo_tree(tmp_path_factory.mktemp("tree") / "kaggle", classes=4, train_per_class=20,
-                           val_per_class=4, seed=3)
-    local = tmp_path_factory.mktemp("shards") / "s"
-    build_shards(str(tree.root), str(local), shard_max_count=20, workers=1)
-    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="watchdog")
-    for path in local.rglob("*"):
-        if path.is_file() and "logs" not in path.parts:
-            storage.upload_file(path, f"s3://watchdog/shards/{path.relative_to(local).as_posix()}")
-    return "s3://watchdog/shards"
+    return shards_in_s3(tmp_path_factory, s3_server, "watchdog", classes=4, train_per_class=20, val_per_class=4,
+                        seed=3, shard_max_count=20, workers=1)["s3"]
 
 
 def _latest(out: Path) -> dict:
