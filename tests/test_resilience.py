@@ -23,8 +23,6 @@ import torch
 
 from common import manifest as mf
 from common import storage
-from shard_builder.build import build_shards
-from shard_builder.demo_tree import write_demo_tree
 from tests.conftest import REPO, shards_in_s3
 from tests.imds_emulator import ImdsEmulator
 from trainer import sampling
@@ -87,17 +85,13 @@ def data(tmp_path_factory, s3_server):
 
 
 @pytest.fixture(scope="module")
-def odd_data(tmp_path_factory, data):
+def odd_data(tmp_path_factory, s3_server, data):
     """97 train images (93 + the demo tree's quirks): with a global batch of 8, 12 full steps and
     1 image left over, which 2 ranks would drop but 1 rank x accum 2 would train."""
-    tree = write_demo_tree(tmp_path_factory.mktemp("oddtree") / "kaggle", classes=3, train_per_class=31,
-                           val_per_class=3, seed=5)
-    local = tmp_path_factory.mktemp("oddshards") / "s"
-    assert build_shards(str(tree.root), str(local), shard_max_count=25, workers=2).split("train").num_samples == 97
-    for path in local.rglob("*"):
-        if path.is_file() and "logs" not in path.parts:
-            storage.upload_file(path, f"s3://resilience/odd/{path.relative_to(local).as_posix()}")
-    return "s3://resilience/odd"
+    odd = shards_in_s3(tmp_path_factory, s3_server, "resilience", classes=3, train_per_class=31, val_per_class=3,
+                       seed=5, shard_max_count=25, prefix="odd")
+    assert mf.load(odd["local"]).split("train").num_samples == 97
+    return odd["s3"]
 
 
 @pytest.fixture(scope="module")

@@ -78,7 +78,8 @@ class TrainConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.val_resize < self.image_size:
             raise UserError(f"--val-resize {self.val_resize} is smaller than --image-size {self.image_size}: the "
-                            "val images are resized to --val-resize, then center-cropped to --image-size")
+                            "val images are resized to --val-resize, then center-cropped to --image-size: pass a larger "
+                            "--val-resize, or leave it out (default: --image-size / 0.875)")
         if self.global_batch is not None and self.global_batch < 1:
             raise UserError(f"--global-batch must be positive, got {self.global_batch}")
         if self.log_every_steps < 0:
